@@ -1,0 +1,1 @@
+"""onnxcompress: ONNX-in/ONNX-out tensor decomposition plus quantization."""
