@@ -1,0 +1,180 @@
+"""Command line: parses flags, calls the library, prints. No logic of its own."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import traceback
+
+from .errors import OnnxCompressError, UserError, VerificationError
+
+EXIT_OK, EXIT_GATE, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # usage errors: one line, exit 2
+        raise UserError(f"{self.prog}: {message}")
+
+
+def _float(s: str) -> float:
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="onnxcompress", description="Compress CNNs on their ONNX graphs: Tucker2 / CP / SVD "
+                "factorization, then INT8 / FP16 quantization, verified on ONNX Runtime.")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+
+    pi = sub.add_parser("inspect", help="list Conv/Gemm/MatMul layers, shapes, params, MACs, decomposability")
+    pi.add_argument("model")
+    pi.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x224x224")
+    pi.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _common(pi)
+
+    po = sub.add_parser("optimize", help="decompose and quantize a model")
+    po.add_argument("model")
+    po.add_argument("-o", "--output", required=True, help="output .onnx path (never the input)")
+    po.add_argument("--recipe", help="TOML recipe; flags given on the command line override it")
+    po.add_argument("--method", help="tucker2|cp4|cp3|svd|none")
+    po.add_argument("--ratio", type=_float, help="parameter ratio per layer (> 1), e.g. 2")
+    po.add_argument("--target-macs", type=_float, help="fraction of MACs to keep, e.g. 0.5")
+    po.add_argument("--rank", help="vbmf or vbmf:<weakening>")
+    po.add_argument("--allocation", help="uniform|later-first|sensitivity")
+    po.add_argument("--data-aware", action="store_const", const=True, default=None)
+    po.add_argument("--quantize", help="int8|fp16|none")
+    po.add_argument("--int8-activations", help="override the provider's INT8 activation type: uint8|int8")
+    po.add_argument("--int8-weights", help="override the INT8 weight type: int8|uint8")
+    po.add_argument("--calibration", help="DIR | FILE.npy | FILE.npz | random")
+    po.add_argument("--calibration-samples", type=int)
+    po.add_argument("--preprocess", help="image preset: imagenet|cifar10|digits")
+    po.add_argument("--eval-data", help="data for the fidelity check (default: the calibration data)")
+    po.add_argument("--eval-samples", type=int)
+    po.add_argument("--labels", help="labels file for image folders")
+    po.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x224x224")
+    po.add_argument("--skip-first", dest="skip_first", action="store_const", const=True, default=None)
+    po.add_argument("--no-skip-first", dest="skip_first", action="store_const", const=False)
+    po.add_argument("--include", action="append", help="layer name glob to decompose (repeatable)")
+    po.add_argument("--exclude", action="append", help="layer name glob to leave alone (repeatable)")
+    po.add_argument("--no-verify", dest="verify", action="store_const", const=False, default=None)
+    po.add_argument("--report", help="write the JSON report here")
+    po.add_argument("--plots", help="write plots (PNG) into this folder")
+    po.add_argument("--providers", help="target providers, e.g. cpu or cpu,cuda (the first sets the INT8 format)")
+    po.add_argument("--min-top1-agreement", type=_float)
+    po.add_argument("--max-accuracy-drop", type=_float)
+    po.add_argument("--min-speedup", type=_float)
+    po.add_argument("--latency-guard", dest="latency_guard", action="store_const", const=True, default=None)
+    po.add_argument("--no-latency-guard", dest="latency_guard", action="store_const", const=False)
+    po.add_argument("--seed", type=int)
+    _common(po)
+    return p
+
+
+def _common(sp):
+    sp.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    sp.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _progress(args):
+    if args.quiet or not sys.stderr.isatty():
+        return None
+
+    def show(msg: str) -> None:
+        print(f"  {msg}", file=sys.stderr, flush=True)
+    return show
+
+
+def cmd_inspect(args) -> int:
+    from .inspect import inspect_model, render_inspect
+    from .modelio import load_model
+    from .recipe import parse_input_shapes
+
+    model = load_model(args.model)
+    shapes = {k: tuple(v) for k, v in parse_input_shapes(args.input_shape).items()}
+    facts = inspect_model(model, shapes)
+    print(json.dumps(facts, indent=2) if args.json else render_inspect(facts))
+    return EXIT_OK
+
+
+_RECIPE_FLAGS = ("method", "ratio", "target_macs", "rank", "allocation", "data_aware", "quantize",
+                 "int8_activations", "int8_weights", "calibration", "calibration_samples", "preprocess",
+                 "eval_data", "eval_samples", "labels", "skip_first", "include", "exclude", "verify", "report",
+                 "plots", "min_top1_agreement", "max_accuracy_drop", "min_speedup", "latency_guard", "seed")
+
+
+def cmd_optimize(args) -> int:
+    from .modelio import check_output_path, save_model_atomic, write_text_atomic
+    from .pipeline import optimize
+    from .recipe import Recipe, parse_input_shapes
+
+    flags = {k: getattr(args, k) for k in _RECIPE_FLAGS if getattr(args, k) is not None}
+    if args.input_shape:
+        flags["input_shape"] = parse_input_shapes(args.input_shape)
+    if args.providers:
+        flags["providers"] = [p.strip() for p in args.providers.split(",") if p.strip()]
+    recipe = Recipe.from_toml(args.recipe, **flags) if args.recipe else Recipe.from_dict(flags, "flags")
+    out = check_output_path(args.output, [args.model])
+    if recipe.report:
+        check_output_path(recipe.report, [args.model, args.output])
+    if recipe.plots and os.path.exists(recipe.plots) and not os.path.isdir(recipe.plots):
+        raise UserError(f"--plots {recipe.plots} is not a folder")
+    result = optimize(args.model, recipe, progress=_progress(args))
+    save_model_atomic(result.model, out)
+    if recipe.report:
+        write_text_atomic(result.report.to_json() + "\n", recipe.report)
+    if not args.quiet:
+        print(result.report.table())
+        print(f"wrote {out}" + (f" and {recipe.report}" if recipe.report else ""))
+    if not result.passed:
+        failed = [g.name for g in result.report.gates if not g.passed]
+        print(f"onnxcompress: gate failed: {', '.join(failed)} (model and report written, marked failing)",
+              file=sys.stderr)
+        return EXIT_GATE
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.version:
+            from . import __version__
+            print(__version__)
+            return EXIT_OK
+        if not args.command:
+            parser.print_help()
+            return EXIT_USAGE
+        return {"inspect": cmd_inspect, "optimize": cmd_optimize}[args.command](args)
+    except KeyboardInterrupt:
+        print("onnxcompress: interrupted (no output written)", file=sys.stderr)
+        return 130
+    except (UserError, VerificationError, OnnxCompressError) as e:
+        if debug:
+            traceback.print_exc()
+        print(f"onnxcompress: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except MemoryError:
+        print("onnxcompress: error: out of memory", file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit:
+        raise
+    except Exception as e:  # unexpected: still one line unless --debug
+        if debug:
+            traceback.print_exc()
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        print(f"onnxcompress: internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Recipe: every `optimize` flag is one field; `--recipe file.toml` fills the same fields, and a
+`[layers."glob"]` table overrides method, ranks, ratio or skip per layer."""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+METHODS = ("tucker2", "cp4", "cp3", "svd", "none")
+QUANTIZE = ("int8", "fp16", "none")
+ALLOCATIONS = ("uniform", "later-first", "sensitivity")
+PROVIDER_NAMES = ("cpu", "cuda", "tensorrt")
+
+
+@dataclass
+class LayerOverride:
+    method: str | None = None
+    ranks: list[int] | None = None      # tucker2: [r3, r4]; cp: [R]; svd: [r]
+    ratio: float | None = None
+    skip: bool = False
+    precision: str | None = None        # "int8" | "float" (keep this layer out of INT8)
+
+
+@dataclass
+class Recipe:
+    method: str = "tucker2"
+    ratio: float | None = 2.0
+    target_macs: float | None = None
+    rank: str | None = None              # "vbmf" or "vbmf:<weakening>"
+    allocation: str = "uniform"
+    data_aware: bool = False
+    quantize: str = "int8"
+    int8_activations: str | None = None  # override the provider default ("uint8" | "int8")
+    int8_weights: str | None = None
+    calibration: str | None = None       # DIR | FILE.npy | FILE.npz | random
+    calibration_samples: int = 32
+    preprocess: str | None = None        # imagenet | cifar10 | digits (image folders)
+    eval_data: str | None = None
+    eval_samples: int | None = 256
+    labels: str | None = None
+    input_shape: dict[str, list[int]] = field(default_factory=dict)
+    skip_first: bool = True
+    include: list[str] = field(default_factory=list)   # name globs; empty = all
+    exclude: list[str] = field(default_factory=list)
+    layers: dict[str, LayerOverride] = field(default_factory=dict)
+    fold_bn: bool = True
+    verify: bool = True
+    providers: list[str] = field(default_factory=lambda: ["cpu"])
+    min_top1_agreement: float | None = None
+    max_accuracy_drop: float | None = None
+    min_speedup: float | None = None
+    latency_guard: bool | None = None    # None = on for the CPU provider
+    report: str | None = None
+    plots: str | None = None
+    seed: int = 0
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> "Recipe":
+        _choice("method", self.method, METHODS)
+        _choice("quantize", self.quantize, QUANTIZE)
+        _choice("allocation", self.allocation, ALLOCATIONS)
+        for p in self.providers:
+            _choice("providers", p, PROVIDER_NAMES)
+        if self.int8_activations is not None:
+            _choice("int8_activations", self.int8_activations, ("uint8", "int8"))
+        if self.int8_weights is not None:
+            _choice("int8_weights", self.int8_weights, ("uint8", "int8"))
+        if self.ratio is not None and not self.ratio > 1:
+            raise UserError(f"--ratio must be > 1 (got {self.ratio}): it is how many times smaller the layers get")
+        if self.target_macs is not None and not 0 < self.target_macs < 1:
+            raise UserError(f"--target-macs must be in (0, 1) (got {self.target_macs}): the fraction of MACs to keep")
+        if self.rank is not None:
+            parse_rank(self.rank)
+        if self.calibration_samples < 1:
+            raise UserError("calibration_samples must be >= 1")
+        for name, v in (("min_top1_agreement", self.min_top1_agreement),):
+            if v is not None and not 0 <= v <= 1:
+                raise UserError(f"--{name.replace('_', '-')} must be in [0, 1] (got {v})")
+        if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
+            raise UserError(f"--max-accuracy-drop must be >= 0 (got {self.max_accuracy_drop})")
+        if self.min_speedup is not None and self.min_speedup <= 0:
+            raise UserError(f"--min-speedup must be > 0 (got {self.min_speedup})")
+        for key, o in self.layers.items():
+            if o.method is not None:
+                _choice(f"layers.{key}.method", o.method, METHODS)
+            if o.ratio is not None and not o.ratio > 1:
+                raise UserError(f"layers.{key}.ratio must be > 1")
+            if o.ranks is not None and (not o.ranks or any(int(r) < 1 for r in o.ranks)):
+                raise UserError(f"layers.{key}.ranks must be positive integers")
+            if o.precision is not None:
+                _choice(f"layers.{key}.precision", o.precision, ("int8", "float"))
+        return self
+
+    def override_for(self, name: str, index: int) -> LayerOverride | None:
+        """The per-layer override whose key matches the layer name (glob) or its conv index ('#3')."""
+        for key, o in self.layers.items():
+            if key == f"#{index}" or fnmatch.fnmatchcase(name, key):
+                return o
+        return None
+
+    def selected(self, name: str) -> str | None:
+        """None when the layer is selected, else why not."""
+        if self.include and not any(fnmatch.fnmatchcase(name, g) for g in self.include):
+            return "not matched by --include"
+        if any(fnmatch.fnmatchcase(name, g) for g in self.exclude):
+            return "excluded by --exclude"
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # ------------------------------------------------------------------ TOML
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides) -> "Recipe":
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"no such recipe file: {p}")
+        try:
+            data = tomllib.loads(p.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"recipe {p} is not valid TOML: {e}") from e
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(data, where=str(p))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "recipe") -> "Recipe":
+        data = {k.replace("-", "_"): v for k, v in data.items()}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"{where}: unknown field(s) {', '.join(unknown)}")
+        layers = {}
+        for key, val in (data.pop("layers", None) or {}).items():
+            if not isinstance(val, dict):
+                raise UserError(f"{where}: layers.{key} must be a table")
+            val = {k.replace("-", "_"): v for k, v in val.items()}
+            lk = {f.name for f in dataclasses.fields(LayerOverride)}
+            bad = sorted(set(val) - lk)
+            if bad:
+                raise UserError(f"{where}: layers.{key}: unknown field(s) {', '.join(bad)}")
+            layers[key] = LayerOverride(**val)
+        if isinstance(data.get("providers"), str):
+            data["providers"] = [p.strip() for p in data["providers"].split(",") if p.strip()]
+        if isinstance(data.get("input_shape"), str):
+            data["input_shape"] = parse_input_shapes([data["input_shape"]])
+        try:
+            r = cls(**data, layers=layers)
+        except TypeError as e:
+            raise UserError(f"{where}: {e}") from e
+        return r.validate()
+
+
+def _choice(name: str, value, options) -> None:
+    if value not in options:
+        raise UserError(f"invalid {name} {value!r}: choose from {', '.join(options)}")
+
+
+def parse_rank(spec: str) -> float:
+    """'vbmf' → weakening 1.0; 'vbmf:0.6' → 0.6."""
+    head, _, w = spec.partition(":")
+    if head != "vbmf":
+        raise UserError(f"invalid --rank {spec!r}: use vbmf or vbmf:<weakening in [0,1]>")
+    try:
+        wf = float(w) if w else 1.0
+    except ValueError:
+        raise UserError(f"invalid --rank {spec!r}: weakening must be a number in [0, 1]") from None
+    if not 0 <= wf <= 1:
+        raise UserError(f"invalid --rank {spec!r}: weakening must be in [0, 1]")
+    return wf
+
+
+def parse_input_shapes(specs: list[str]) -> dict[str, list[int]]:
+    """['input:1x3x224x224'] → {'input': [1, 3, 224, 224]}."""
+    out = {}
+    for s in specs:
+        name, sep, dims = s.rpartition(":")
+        if not sep or not name:
+            raise UserError(f"invalid --input-shape {s!r}: use NAME:1x3x224x224")
+        try:
+            shape = [int(d) for d in dims.lower().split("x")]
+        except ValueError:
+            raise UserError(f"invalid --input-shape {s!r}: dimensions must be integers like 1x3x224x224") from None
+        if any(d < 1 for d in shape):
+            raise UserError(f"invalid --input-shape {s!r}: dimensions must be >= 1")
+        out[name] = shape
+    return out
