@@ -242,8 +242,13 @@ def optimize(model: str | Path | onnx.ModelProto, recipe: Recipe | None = None, 
     passes: list[Pass] = []
     if recipe.fold_bn:
         passes.append(FoldBatchNorm())
+    guard = None
     if recipe.method == "tucker2":
-        passes.append(Tucker2Pass(tucker2_policy(recipe), shapes))
+        from .latency_guard import guard_for_recipe, tucker2_chain
+
+        policy = tucker2_policy(recipe)
+        guard = guard_for_recipe(recipe, tucker2_chain)
+        passes.append(Tucker2Pass(guard.wrap(policy) if guard else policy, shapes))
     calib_ds = None
     if recipe.quantize == "int8":
         src = calibration if calibration is not None else (recipe.calibration or "random")
@@ -268,6 +273,9 @@ def optimize(model: str | Path | onnx.ModelProto, recipe: Recipe | None = None, 
                                                                              "float_ops_left")})
     dec_layers = [l for res, p in zip(results, passes) if p.name not in ("FoldBatchNorm", "QuantizeInt8",
                                                                           "ConvertFP16") for l in res.layers]
+    if guard is not None:
+        guard.annotate(dec_layers)
+        report.latency = {"guard": guard.summary()}
     report.layers = [l.to_dict() for l in dec_layers]
     done = [l for l in dec_layers if l.skipped is None]
     report.model = {
@@ -296,6 +304,14 @@ def optimize(model: str | Path | onnx.ModelProto, recipe: Recipe | None = None, 
         ev = _open("random", shapes, model, recipe, 16)
     fid: Fidelity = fidelity(original, out, _batches(ev, model, first_input), "cpu", ev.description)
     report.fidelity = fid.to_dict()
+    if recipe.min_speedup is not None:
+        from .bench import stage_latency
+
+        if progress:
+            progress(f"latency on ORT {recipe.providers[0]} (interleaved)")
+        stages = [("input", original)] + [(p.name, r.model) for p, r in zip(passes, results) if r.modified]
+        report.latency = {**(report.latency or {}), **stage_latency(stages, recipe.providers[0],
+                                                                    input_shape=shapes, seed=recipe.seed)}
     _gates(recipe, report, fid)
     return Result(model=out, report=report)
 
@@ -311,6 +327,12 @@ def _gates(recipe: Recipe, report: Report, fid: Fidelity) -> None:
             report.warnings.append("--max-accuracy-drop needs labelled --eval-data; the gate fails without it")
         report.gates.append(Gate("max_accuracy_drop", recipe.max_accuracy_drop, v,
                                  v is not None and v <= recipe.max_accuracy_drop))
+    if recipe.min_speedup is not None:
+        v = (report.latency or {}).get("speedup")
+        if v is None:
+            report.warnings.append(f"--min-speedup: latency not measured "
+                                   f"({(report.latency or {}).get('skipped', 'no timing')}); the gate fails")
+        report.gates.append(Gate("min_speedup", recipe.min_speedup, v, v is not None and v >= recipe.min_speedup))
     report.passed = all(g.passed for g in report.gates)
 
 

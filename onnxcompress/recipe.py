@@ -41,7 +41,7 @@ class Recipe:
     calibration_samples: int = 32
     preprocess: str | None = None        # imagenet | cifar10 | digits (image folders)
     eval_data: str | None = None
-    eval_samples: int | None = 256
+    eval_samples: int | None = 1000
     labels: str | None = None
     input_shape: dict[str, list[int]] = field(default_factory=dict)
     skip_first: bool = True
