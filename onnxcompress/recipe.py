@@ -29,7 +29,7 @@ class LayerOverride:
 @dataclass
 class Recipe:
     method: str = "tucker2"
-    ratio: float | None = 2.0
+    ratio: float | None = None           # default 2 when no --rank / --target-macs is given
     target_macs: float | None = None
     rank: str | None = None              # "vbmf" or "vbmf:<weakening>"
     allocation: str = "uniform"

@@ -21,6 +21,8 @@ from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
 
+from .tucker2 import tucker2_params  # noqa: F401  (re-exported: P_T2 = S*r3 + r3*r4*K + r4*T)
+
 __all__ = [
     "LayerSpec",
     "tucker2_params",
@@ -70,11 +72,6 @@ def _check_target(target: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # Cost formulas (ALGORITHMS §1.4)
 # ----------------------------------------------------------------------------------------------
-def tucker2_params(T: int, S: int, K: int, r3: int, r4: int) -> int:
-    """P_T2 = S*r3 + r3*r4*K + r4*T (no bias)."""
-    return int(S * r3 + r3 * r4 * K + r4 * T)
-
-
 def tucker2_macs(spec: LayerSpec, r3: int, r4: int) -> int:
     """F_T2 = S*r3*h_in*w_in + r3*r4*K*h_out*w_out + r4*T*h_out*w_out (conv1 runs at input resolution)."""
     hw_in = spec.h_in * spec.w_in

@@ -91,18 +91,3 @@ def _tucker2(kernel, r3, r4, n_iter_max, tol) -> Tucker2Result:
 def tucker2_params(T: int, S: int, k: int, r3: int, r4: int) -> int:
     """Weights of the Tucker2 chain (no bias): S·R3 + R3·R4·k + R4·T."""
     return S * r3 + r3 * r4 * k + r4 * T
-
-
-def tucker2_ranks_for_ratio(T: int, S: int, k: int, ratio: float) -> tuple[int, int] | None:
-    """Proportional ranks (R3 = κS, R4 = κT) whose chain has 1/ratio of the kernel's weights (§1.5).
-    Returns (r3, r4), or None when no rounded ranks make the chain smaller than the kernel."""
-    p0 = T * S * k
-    target = p0 / ratio
-    # κ² S T k + κ (S² + T²) − target = 0
-    a, b, c = S * T * k, S * S + T * T, -target
-    kappa = (-b + np.sqrt(b * b - 4 * a * c)) / (2 * a)
-    r3 = int(np.clip(round(kappa * S), 1, S))
-    r4 = int(np.clip(round(kappa * T), 1, T))
-    if tucker2_params(T, S, k, r3, r4) >= p0:
-        return None
-    return r3, r4

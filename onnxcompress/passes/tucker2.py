@@ -52,9 +52,11 @@ class Tucker2Pass(Pass):
         shapes = infer_value_shapes(model, self.input_shapes)
         g = import_graph(model)
         convs = [n for n in g.nodes if n.op == "Conv"]
+        infos = [conv_info(node, idx, shapes) for idx, node in enumerate(convs)]
+        if hasattr(self.ranks, "prepare"):   # planners that allocate a global budget see all layers first
+            self.ranks.prepare(infos)
         records, all_full = [], True
-        for idx, node in enumerate(convs):
-            info = conv_info(node, idx, shapes)
+        for node, info in zip(convs, infos):
             rec = LayerRecord(name=node.name, op="Conv", method="tucker2", kernel_shape=list(info.weight_shape),
                               params_before=info.params, params_after=info.params,
                               macs_before=info.macs, macs_after=info.macs)
