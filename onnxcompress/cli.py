@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     po.add_argument("--target-macs", type=_float, help="fraction of MACs to keep, e.g. 0.5")
     po.add_argument("--rank", help="vbmf or vbmf:<weakening>")
     po.add_argument("--allocation", help="uniform|later-first|sensitivity")
+    po.add_argument("--sensitivity", help="analyze.json from `onnxcompress analyze` (--allocation sensitivity; "
+                    "default: measured on the calibration data)")
+    po.add_argument("--sensitivity-metric", help="predicted degradation: auto|top1|noise|accuracy")
     po.add_argument("--data-aware", action="store_const", const=True, default=None)
     po.add_argument("--quantize", help="int8|fp16|none")
     po.add_argument("--int8-activations", help="override the provider's INT8 activation type: uint8|int8")
@@ -71,8 +74,24 @@ def build_parser() -> argparse.ArgumentParser:
     po.add_argument("--min-speedup", type=_float)
     po.add_argument("--latency-guard", dest="latency_guard", action="store_const", const=True, default=None)
     po.add_argument("--no-latency-guard", dest="latency_guard", action="store_const", const=False)
+    po.add_argument("--rank-multiple", type=int, help="round ranks to a multiple of N (default 8 for cpu; 1 = off)")
     po.add_argument("--seed", type=int)
+    po.add_argument("--cp-epc", dest="cp_epc", action="store_const", const=True, default=None,
+                    help="CP: error-preserving correction (default: on when quantizing to INT8)")
+    po.add_argument("--no-cp-epc", dest="cp_epc", action="store_const", const=False)
+    po.add_argument("--cp-balance", help="CP: spread λ over the factors: sqrt_size (default) | equal | none")
+    po.add_argument("--cp-equalize", help="CP chain equalisation: none | data-free | data "
+                                          "(default: data with calibration data, else data-free)")
+    po.add_argument("--cp-fallback", help="CP layers with κ > --cp-kappa-max under INT8: "
+                                          "tucker2 (default) | keep-float | int16 | none")
+    po.add_argument("--cp-kappa-max", type=_float, help="CP cancellation index threshold (default 3)")
+    po.add_argument("--max-memory-mb", type=int, help="refuse a layer decomposition needing more memory (default 4096)")
     _common(po)
+
+    from .cli_eval import add_parsers  # validate, bench
+    add_parsers(sub, _common, _float)
+    from .cli_analyze import add_parser as add_analyze  # analyze
+    add_analyze(sub, _common)
     return p
 
 
@@ -105,11 +124,13 @@ def cmd_inspect(args) -> int:
 _RECIPE_FLAGS = ("method", "ratio", "target_macs", "rank", "allocation", "data_aware", "quantize",
                  "int8_activations", "int8_weights", "calibration", "calibration_samples", "preprocess",
                  "eval_data", "eval_samples", "labels", "skip_first", "include", "exclude", "verify", "report",
-                 "plots", "min_top1_agreement", "max_accuracy_drop", "min_speedup", "latency_guard", "seed")
+                 "plots", "max_memory_mb", "min_top1_agreement", "max_accuracy_drop", "min_speedup", "latency_guard", "rank_multiple", "seed",
+                 "sensitivity", "sensitivity_metric",
+                 "cp_epc", "cp_balance", "cp_equalize", "cp_fallback", "cp_kappa_max")
 
 
 def cmd_optimize(args) -> int:
-    from .modelio import check_output_path, save_model_atomic, write_text_atomic
+    from .modelio import check_output_path, save_model_atomic, uses_external_data, write_text_atomic
     from .pipeline import optimize
     from .recipe import Recipe, parse_input_shapes
 
@@ -124,10 +145,16 @@ def cmd_optimize(args) -> int:
         check_output_path(recipe.report, [args.model, args.output])
     if recipe.plots and os.path.exists(recipe.plots) and not os.path.isdir(recipe.plots):
         raise UserError(f"--plots {recipe.plots} is not a folder")
+    if recipe.plots:
+        from .plots import require
+        require()  # matplotlib missing: fail before any work, not after the model is written
     result = optimize(args.model, recipe, progress=_progress(args))
-    save_model_atomic(result.model, out)
+    save_model_atomic(result.model, out, external=uses_external_data(args.model))
     if recipe.report:
         write_text_atomic(result.report.to_json() + "\n", recipe.report)
+    if recipe.plots:
+        from .plots import optimize_plots
+        optimize_plots(result.report, recipe.plots)
     if not args.quiet:
         print(result.report.table())
         print(f"wrote {out}" + (f" and {recipe.report}" if recipe.report else ""))
@@ -139,10 +166,20 @@ def cmd_optimize(args) -> int:
     return EXIT_OK
 
 
+def _quiet_onnxruntime(debug: bool) -> None:
+    """ORT's C++ logger writes straight to stderr; our errors are one line, so keep it to fatal only."""
+    try:
+        import onnxruntime as ort
+        ort.set_default_logger_severity(2 if debug else 4)
+    except Exception:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_onnxruntime(debug)
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -153,7 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.command:
             parser.print_help()
             return EXIT_USAGE
-        return {"inspect": cmd_inspect, "optimize": cmd_optimize}[args.command](args)
+        from .cli_eval import cmd_bench, cmd_validate
+        from .cli_analyze import cmd_analyze
+        return {"inspect": cmd_inspect, "optimize": cmd_optimize, "validate": cmd_validate,
+                "bench": cmd_bench, "analyze": cmd_analyze}[args.command](args)
     except KeyboardInterrupt:
         print("onnxcompress: interrupted (no output written)", file=sys.stderr)
         return 130

@@ -38,7 +38,7 @@ def make_session(model: onnx.ModelProto | str, provider: str = "cpu", threads: i
     if why:
         raise ProviderUnavailable(why)
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
@@ -63,6 +63,39 @@ def random_feeds(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], see
         else:
             feeds[vi.name] = np.zeros(shp, dtype=dt)
     return feeds
+
+
+class RandomInputs:
+    """Seeded random inputs for every model input, any rank and dtype (N(0,1) floats, zeros for integer
+    inputs): the `random` data source. Sample i is the same whatever the batch size."""
+    kind = "random"
+    source = "random"
+    has_labels = False
+
+    def __init__(self, model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], n: int = 16, seed: int = 0):
+        inits = {i.name for i in model.graph.initializer}
+        self.specs = {}
+        for vi in model.graph.input:
+            if vi.name in inits or vi.name not in shapes:
+                continue
+            self.specs[vi.name] = (tuple(shapes[vi.name][1:]),
+                                   onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
+        self.n, self.seed = int(n), seed
+        shown = ", ".join(f"{k}: {'x'.join(map(str, s))}" for k, (s, _) in self.specs.items())
+        self.description = f"random N(0,1) inputs (not real data): {self.n} samples of {shown}, seed {seed}"
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _sample(self, i: int) -> dict:
+        rng = np.random.default_rng([self.seed, i])
+        return {k: (rng.standard_normal(s).astype(dt) if np.issubdtype(dt, np.floating) else np.zeros(s, dt))
+                for k, (s, dt) in self.specs.items()}
+
+    def batches(self, batch_size: int = 1):
+        for start in range(0, self.n, batch_size):
+            samples = [self._sample(i) for i in range(start, min(start + batch_size, self.n))]
+            yield {k: np.stack([s[k] for s in samples]) for k in self.specs}, None
 
 
 def rel_error(a: np.ndarray, b: np.ndarray) -> float:

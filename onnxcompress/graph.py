@@ -130,11 +130,11 @@ class ConvInfo:
 
     @property
     def T(self) -> int:
-        return self.weight_shape[0]
+        return self.weight_shape[0] if self.weight_shape else 0
 
     @property
     def S(self) -> int:
-        return self.weight_shape[1] * self.group
+        return self.weight_shape[1] * self.group if len(self.weight_shape) > 1 else 0
 
     @property
     def kernel(self) -> tuple[int, ...]:
@@ -146,7 +146,7 @@ class ConvInfo:
 
     @property
     def macs(self) -> int | None:
-        if self.out_shape is None:
+        if self.out_shape is None or not self.weight_shape:
             return None
         return int(np.prod(self.weight_shape)) * int(np.prod(self.out_shape[2:]))
 
@@ -182,7 +182,14 @@ def conv_info(node: gs.Node, index: int, shapes: dict[str, tuple[int, ...]]) -> 
     b = constant_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None \
         and not (isinstance(node.inputs[2], gs.Variable) and node.inputs[2].name == "") else None
     has_bias = len(node.inputs) > 2 and node.inputs[2].name != ""
-    wshape = tuple(w.shape) if w is not None else tuple(node.inputs[1].shape or ()) if len(node.inputs) > 1 else ()
+    if w is not None:
+        wshape = tuple(w.shape)
+    elif len(node.inputs) > 1:
+        known = shapes.get(node.inputs[1].name) or node.inputs[1].shape or ()
+        wshape = tuple(d for d in known if isinstance(d, (int, np.integer)))
+        wshape = wshape if len(wshape) == len(known) else ()
+    else:
+        wshape = ()
     nd = max(len(wshape) - 2, 0)
     a = node.attrs
     group = int(a.get("group", 1))
@@ -193,7 +200,10 @@ def conv_info(node: gs.Node, index: int, shapes: dict[str, tuple[int, ...]]) -> 
     kernel = tuple(wshape[2:])
     pads = explicit_pads(a, kernel, in_shape[2:] if in_shape else None, strides, dil) if nd else None
     problem = None
-    if w is None:
+    wprod = node.inputs[1].inputs[0].op if len(node.inputs) > 1 and node.inputs[1].inputs else None
+    if w is None and wprod == "DequantizeLinear":
+        problem = "quantized weight (DequantizeLinear): already quantized"
+    elif w is None:
         problem = "dynamic weight (computed at run time)"
     elif not np.issubdtype(w.dtype, np.floating):
         problem = f"non-float weight ({w.dtype})"
@@ -211,6 +221,28 @@ def conv_info(node: gs.Node, index: int, shapes: dict[str, tuple[int, ...]]) -> 
                     pads=pads or (), dilations=dil, in_shape=in_shape, out_shape=out_shape,
                     has_bias=has_bias, weight=w, bias=b, problem=problem)
     return info
+
+
+def nested_compute_nodes(model: onnx.ModelProto, ops=("Conv", "Gemm", "MatMul")) -> list[tuple[str, str, str]]:
+    """(name, op, where) of compute nodes the passes do not rewrite: inside If/Loop/Scan subgraphs or
+    model-local functions."""
+    out = []
+
+    def walk(graph, where):
+        for n in graph.node:
+            for a in n.attribute:
+                subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+                for sg in subs:
+                    for m in sg.node:
+                        if m.op_type in ops:
+                            out.append((m.name or m.output[0], m.op_type, f"inside {n.op_type} {n.name!r} subgraph"))
+                    walk(sg, where)
+    walk(model.graph, "")
+    for f in model.functions:
+        for m in f.node:
+            if m.op_type in ops:
+                out.append((m.name or m.output[0], m.op_type, f"inside model-local function {f.name!r}"))
+    return out
 
 
 def ensure_node_names(graph: gs.Graph) -> None:

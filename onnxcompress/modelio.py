@@ -92,19 +92,32 @@ def check_output_path(out: str | os.PathLike, inputs: list[str | os.PathLike]) -
     return o
 
 
-def save_model_atomic(model: onnx.ModelProto, out: str | os.PathLike) -> Path:
+def uses_external_data(path: str | os.PathLike) -> bool:
+    """Whether the ONNX file at `path` keeps tensors in external data files."""
+    try:
+        return _uses_external_data(onnx.load(str(path), load_external_data=False))
+    except Exception:
+        return False
+
+
+def save_model_atomic(model: onnx.ModelProto, out: str | os.PathLike, external: bool | None = None) -> Path:
     """Write `model` to `out` through a temp file in the same folder and an atomic rename.
 
-    Models over 2 GB are written with external data in `<name>.data` next to the output.
+    With external data (`external=True`, or automatically for models over 2 GB) the tensors go to
+    `<name>.data` next to the output.
     """
     o = Path(out)
     parent = o.parent if str(o.parent) else Path(".")
     big = model.ByteSize() > _TWO_GB if _fits_bytesize(model) else True
+    big = big or bool(external)
     fd, tmp = tempfile.mkstemp(prefix=f".{o.name}.", suffix=".tmp", dir=parent)
     os.close(fd)
     tmp_data = None
     try:
         if big:
+            m = onnx.ModelProto()
+            m.CopyFrom(model)  # onnx.save_model rewrites tensors to external references in place
+            model = m
             data_name = o.name + ".data"
             tmp_data = parent / f".{data_name}.tmp"
             onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,

@@ -13,12 +13,13 @@ import onnx
 from . import __version__
 from .errors import UserError, VerificationError
 from .evaluate import Fidelity, fidelity, make_session, random_feeds, rel_error
-from .graph import (ConvInfo, has_quantized_ops, input_shapes, model_bytes, model_macs, model_params)
+from .graph import (has_quantized_ops, input_shapes, model_bytes, model_macs, model_params)
 from .modelio import load_model
 from .passes.base import Pass, PassResult
 from .passes.fold_bn import FoldBatchNorm
 from .passes.quantize import ConvertFP16, QuantizeInt8, int8_format_for
-from .passes.tucker2 import Tucker2Pass
+from .passes.tucker2 import Tucker2Pass, tucker2_problem
+from .planning import Tucker2Planner
 from .recipe import Recipe
 from .report import Gate, PassRecord, Report
 
@@ -77,6 +78,8 @@ class PassManager:
             sess = make_session(model, "cpu")
             return sess.run(None, feeds)
         except Exception as e:
+            if pass_name == "load":
+                raise UserError(f"ONNX Runtime cannot run the input model: {_line(e)}") from e
             raise VerificationError(pass_name, f"ONNX Runtime cannot run the {what}: {_line(e)}") from e
 
     def _verify(self, p: Pass, res: PassResult, feeds, prev_out):
@@ -123,46 +126,17 @@ def _line(e: BaseException) -> str:
     return (s[0] if s else type(e).__name__)[:300]
 
 
-# ------------------------------------------------------------------------------------------ rank policy
-def tucker2_policy(recipe: Recipe) -> Callable[[ConvInfo], "tuple[int, int] | str"]:
-    from .decompose.tucker2 import tucker2_ranks_for_ratio
-
-    def policy(info: ConvInfo):
-        o = recipe.override_for(info.name, info.index)
-        if o is not None:
-            if o.skip:
-                return "skipped by the recipe"
-            if o.method is not None and o.method != "tucker2":
-                return f"recipe asks for method {o.method}"
-            if o.ranks is not None:
-                if len(o.ranks) != 2:
-                    raise UserError(f"layer {info.name}: tucker2 ranks must be [r3, r4], got {o.ranks}")
-                r3, r4 = int(o.ranks[0]), int(o.ranks[1])
-                if r3 > info.S or r4 > info.T:
-                    raise UserError(f"layer {info.name}: ranks [{r3}, {r4}] exceed its channels "
-                                    f"(S={info.S}, T={info.T})")
-                return r3, r4
-        why = recipe.selected(info.name)
-        if why:
-            return why
-        if recipe.skip_first and info.index == 0 and not (o and o.ratio):
-            return "first conv (skip_first)"
-        ratio = (o.ratio if o and o.ratio else None) or recipe.ratio
-        if ratio is None:
-            return "no ratio or ranks given"
-        r = tucker2_ranks_for_ratio(info.T, info.S, int(np.prod(info.kernel)), ratio)
-        return r if r is not None else f"chain would not shrink at ratio {ratio:g}"
-
-    return policy
-
-
 # ------------------------------------------------------------------------------------------ data
 def _open(source, shapes, model, recipe: Recipe, limit: int | None):
     from .data import DataError, open_dataset
+    from .evaluate import RandomInputs
 
+    if isinstance(source, str) and source.strip().lower() == "random":
+        return RandomInputs(model, shapes, n=limit or 16, seed=recipe.seed)
     name = next(iter(shapes))
+    shape = _model_input_shape(model, name, shapes[name])
     try:
-        return open_dataset(str(source), input_shape=_model_input_shape(model, name, shapes[name]),
+        return open_dataset(str(source), input_shape=shape if len(shape) == 4 else None,
                             input_name=name, preprocess=recipe.preprocess,
                             labels=recipe.labels, limit=limit, seed=recipe.seed)
     except DataError as e:
@@ -200,11 +174,15 @@ def _batches(ds, model: onnx.ModelProto, name: str):
         yield inputs, labels
 
 
-def _calibration_reader_factory(dataset, model: onnx.ModelProto, input_name: str):
+def _calibration_reader_factory(dataset, model: onnx.ModelProto, shapes: dict):
     from .calibration import CalibrationReader
 
-    fixed = _fixed_batch(model, input_name)
-    return lambda: CalibrationReader(dataset, input_name, batch_size=fixed or 1, fixed_batch=fixed is not None)
+    names = list(shapes)
+    dtypes = {vi.name: onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+              for vi in model.graph.input if vi.name in shapes}
+    fixed = _fixed_batch(model, names[0])
+    return lambda: CalibrationReader(dataset, names, batch_size=fixed or 1, fixed_batch=fixed is not None,
+                                     input_dtypes=dtypes)
 
 
 # ------------------------------------------------------------------------------------------ optimize
@@ -230,10 +208,10 @@ def optimize(model: str | Path | onnx.ModelProto, recipe: Recipe | None = None, 
     convs = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
     if recipe.method != "none" and not convs:
         raise UserError("model has no Conv, Gemm or MatMul node to compress")
-    if recipe.method in ("cp4", "cp3", "svd"):
+    if recipe.method == "svd":
         raise UserError(f"--method {recipe.method} is not available yet in this version")
-    if recipe.allocation != "uniform" or recipe.rank or recipe.target_macs or recipe.data_aware:
-        raise UserError("--allocation/--rank/--target-macs/--data-aware are not available yet in this version")
+    if recipe.data_aware:
+        raise UserError("--data-aware is not available yet in this version")
     q = has_quantized_ops(model)
     if q and recipe.quantize != "none":
         raise UserError(f"model is already quantized (contains {', '.join(q)}): refusing to re-quantize; "
@@ -244,11 +222,22 @@ def optimize(model: str | Path | onnx.ModelProto, recipe: Recipe | None = None, 
         passes.append(FoldBatchNorm())
     guard = None
     if recipe.method == "tucker2":
-        from .latency_guard import guard_for_recipe, tucker2_chain
+        from .latency_guard import aligned_for_recipe, guard_for_recipe, tucker2_chain
 
-        policy = tucker2_policy(recipe)
+        planner = Tucker2Planner(recipe, tucker2_problem)
+        if recipe.allocation == "sensitivity" and recipe.rank is None:   # curves: --sensitivity FILE or measured now
+            from .sensitivity import attach
+            report.warnings += attach(planner, model, recipe, shapes, calibration, progress)
+        policy = aligned_for_recipe(recipe, planner)
         guard = guard_for_recipe(recipe, tucker2_chain)
-        passes.append(Tucker2Pass(guard.wrap(policy) if guard else policy, shapes))
+        passes.append(Tucker2Pass(guard.wrap(policy) if guard else policy, shapes,
+                                  max_memory_mb=recipe.max_memory_mb))
+    cp_pass = None
+    if recipe.method in ("cp4", "cp3"):
+        from .cp_glue import build_cp_pass
+
+        cp_pass = build_cp_pass(recipe, shapes)
+        passes.append(cp_pass)
     calib_ds = None
     if recipe.quantize == "int8":
         src = calibration if calibration is not None else (recipe.calibration or "random")
@@ -260,10 +249,15 @@ def optimize(model: str | Path | onnx.ModelProto, recipe: Recipe | None = None, 
                               "description": calib_ds.description, "samples": len(calib_ds)}
         fmt = int8_format_for(recipe.providers[0], recipe.int8_activations, recipe.int8_weights)
         excl = [k for k, o in recipe.layers.items() if o.precision == "float"]
-        passes.append(QuantizeInt8(_calibration_reader_factory(calib_ds, model, first_input),
+        passes.append(QuantizeInt8(_calibration_reader_factory(calib_ds, model, shapes),
                                    fmt, exclude_globs=excl, calibration_label=calib_ds.description))
     elif recipe.quantize == "fp16":
         passes.append(ConvertFP16())
+    if cp_pass is not None:   # calibration feeds for CP equalisation; unstable CP layers -> the INT8 pass
+        from .cp_glue import wire_cp_pass
+
+        report.warnings += wire_cp_pass(cp_pass, recipe, calib_ds, passes, model, shapes, calibration,
+                                        lambda src: _open(src, shapes, model, recipe, recipe.calibration_samples))
 
     pm = PassManager(passes, shapes, verify=recipe.verify, progress=progress, seed=recipe.seed)
     out, records, results = pm.run(model)
@@ -277,6 +271,12 @@ def optimize(model: str | Path | onnx.ModelProto, recipe: Recipe | None = None, 
         guard.annotate(dec_layers)
         report.latency = {"guard": guard.summary()}
     report.layers = [l.to_dict() for l in dec_layers]
+    if recipe.method != "none":
+        from .graph import nested_compute_nodes
+        from .passes.base import LayerRecord
+        report.layers += [LayerRecord(name=n, op=op, method=recipe.method,
+                                      skipped=f"{where}: subgraphs and functions are left alone").to_dict()
+                          for n, op, where in nested_compute_nodes(original)]
     done = [l for l in dec_layers if l.skipped is None]
     report.model = {
         "params_before": model_params(original), "params_after": model_params(out),

@@ -31,7 +31,7 @@ def layer_spec(info: ConvInfo) -> al.LayerSpec:
 
 class Tucker2Planner:
     """Ranks per layer from the recipe: per-layer overrides, then `--rank vbmf[:w]`, `--target-macs`,
-    `--ratio` under `--allocation uniform|later-first` (sensitivity: see analyze)."""
+    `--ratio` under `--allocation uniform|later-first|sensitivity` (curves: onnxcompress.sensitivity)."""
 
     method = "tucker2"
 
@@ -40,6 +40,7 @@ class Tucker2Planner:
         self.problem = problem        # fn(ConvInfo) -> reason | None: what the pass cannot handle at all
         self.plan: dict[str, tuple[int, int] | str] = {}
         self.notes: list[str] = []
+        self.sensitivity: dict | None = None   # analyze result for --allocation sensitivity
 
     # ---------------------------------------------------------------- per-layer decisions
     def _fixed(self, info: ConvInfo):
@@ -103,13 +104,21 @@ class Tucker2Planner:
                 warnings.simplefilter("always")
                 alloc = al.allocate_later_first(specs, ratio, target=target)
             self.notes += [str(c.message) for c in caught]
-        else:
-            raise UserError("--allocation sensitivity needs per-layer sensitivity curves: "
-                            "run `onnxcompress analyze` (not available in this version)")
+        else:  # sensitivity: curves from --sensitivity FILE or measured by the pipeline (sensitivity.attach)
+            from .sensitivity import allocate_by_sensitivity, load_analysis
+
+            curves = self.sensitivity or (load_analysis(r.sensitivity) if r.sensitivity else None)
+            if curves is None:
+                raise UserError("--allocation sensitivity needs per-layer sensitivity curves: pass --sensitivity "
+                                "FILE (analyze.json from `onnxcompress analyze`)")
+            alloc, notes = allocate_by_sensitivity(curves, free, specs, ratio, target, r.quantize,
+                                                   r.sensitivity_metric)
+            self.notes += notes
         for info, sp in zip(free, specs):
             rr = alloc.get(sp.name)
             if rr is None:
                 self.plan[info.name] = ("left for the global target (later-first)" if r.allocation == "later-first"
+                                        else "kept by the sensitivity allocation" if r.allocation == "sensitivity"
                                         else f"chain would not shrink at ratio {ratio:g}")
             else:
                 self.plan[info.name] = rr

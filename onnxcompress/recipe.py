@@ -33,6 +33,8 @@ class Recipe:
     target_macs: float | None = None
     rank: str | None = None              # "vbmf" or "vbmf:<weakening>"
     allocation: str = "uniform"
+    sensitivity: str | None = None       # analyze JSON for --allocation sensitivity (None: measured on the fly)
+    sensitivity_metric: str = "auto"     # predicted degradation: auto | top1 | noise | accuracy
     data_aware: bool = False
     quantize: str = "int8"
     int8_activations: str | None = None  # override the provider default ("uint8" | "int8")
@@ -55,15 +57,24 @@ class Recipe:
     max_accuracy_drop: float | None = None
     min_speedup: float | None = None
     latency_guard: bool | None = None    # None = on for the CPU provider
+    rank_multiple: int | None = None     # round ranks to a multiple of this; None = 8 for the CPU provider
     report: str | None = None
     plots: str | None = None
     seed: int = 0
+    # CP4/CP3 (--method cp4|cp3; passes/cp.py)
+    cp_epc: bool | None = None           # None = on when the recipe quantizes to INT8
+    cp_balance: str = "sqrt_size"        # sqrt_size | equal | none
+    cp_equalize: str | None = None       # none | data-free | data; None = data with calibration data, else data-free
+    cp_fallback: str = "tucker2"         # κ > cp_kappa_max under INT8: keep-float | int16 | tucker2 | none
+    cp_kappa_max: float = 3.0
+    max_memory_mb: int = 4096            # refuse a layer decomposition whose working set would exceed this
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> "Recipe":
         _choice("method", self.method, METHODS)
         _choice("quantize", self.quantize, QUANTIZE)
         _choice("allocation", self.allocation, ALLOCATIONS)
+        _choice("sensitivity_metric", self.sensitivity_metric, ("auto", "top1", "noise", "accuracy"))
         for p in self.providers:
             _choice("providers", p, PROVIDER_NAMES)
         if self.int8_activations is not None:
@@ -83,8 +94,16 @@ class Recipe:
                 raise UserError(f"--{name.replace('_', '-')} must be in [0, 1] (got {v})")
         if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
             raise UserError(f"--max-accuracy-drop must be >= 0 (got {self.max_accuracy_drop})")
+        if self.rank_multiple is not None and (not isinstance(self.rank_multiple, int) or self.rank_multiple < 1):
+            raise UserError(f"--rank-multiple must be an integer >= 1 (got {self.rank_multiple})")
         if self.min_speedup is not None and self.min_speedup <= 0:
             raise UserError(f"--min-speedup must be > 0 (got {self.min_speedup})")
+        _choice("cp_balance", self.cp_balance, ("sqrt_size", "equal", "none"))
+        if self.cp_equalize is not None:
+            _choice("cp_equalize", self.cp_equalize, ("none", "data-free", "data"))
+        _choice("cp_fallback", self.cp_fallback, ("keep-float", "int16", "tucker2", "none"))
+        if not self.cp_kappa_max > 0:
+            raise UserError(f"--cp-kappa-max must be > 0 (got {self.cp_kappa_max})")
         for key, o in self.layers.items():
             if o.method is not None:
                 _choice(f"layers.{key}.method", o.method, METHODS)

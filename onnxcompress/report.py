@@ -32,6 +32,7 @@ class Report:
     fidelity: dict[str, Any] | None = None
     quantization: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] | None = None
+    latency: dict[str, Any] | None = None    # stage timings (--min-speedup) and the latency guard's summary
     recipe: dict[str, Any] = field(default_factory=dict)
     gates: list[Gate] = field(default_factory=list)
     passed: bool = True
@@ -131,6 +132,16 @@ def render_table(r: Report, max_layers: int = 200) -> str:
         if f.get("accuracy_before") is not None:
             lines.append(f"accuracy {100 * f['accuracy_before']:.2f}% -> {100 * f['accuracy_after']:.2f}% "
                          f"(drop {100 * f['accuracy_drop']:.2f} points)")
+    lat = r.latency or {}
+    if lat.get("stages"):
+        lines.append(f"latency ({lat.get('provider')}, {lat.get('threads')} thread(s), median) "
+                     + ", ".join(f"{s['name']} {s['median_ms']:.2f} ms" for s in lat["stages"]
+                                 if s.get("median_ms") is not None)
+                     + (f": {lat['speedup']:.2f}x" if lat.get("speedup") else ""))
+    if lat.get("guard"):
+        gd = lat["guard"]
+        lines.append(f"guard   latency guard ({gd['precision']}, {gd['provider']}): {gd['layers_timed']} layers "
+                     f"timed, {gd['kept_conv']} kept as the original conv, {gd['seconds']:.2f}s")
     for g in r.gates:
         v = "-" if g.value is None else f"{g.value:.4g}"
         lines.append(f"gate    {g.name} {v} vs {g.threshold:g}: {'ok' if g.passed else 'FAILED'}")

@@ -12,6 +12,7 @@ MODEL = Path(__file__).resolve().parent.parent / "models" / "digits_cnn.onnx"
 def _run(**kw):
     kw.setdefault("quantize", "none")
     kw.setdefault("latency_guard", False)
+    kw.setdefault("rank_multiple", 1)   # planner semantics, not the CPU-friendly rank rounding
     return optimize(MODEL, Recipe(**kw)).report.to_dict()
 
 
@@ -51,6 +52,42 @@ def test_vbmf_ranks_and_budget_cap():
             assert by[l["name"]]["ranks"][0] <= l["ranks"][0] and by[l["name"]]["ranks"][1] <= l["ranks"][1]
 
 
-def test_sensitivity_without_curves_is_a_clear_error():
-    with pytest.raises(UserError, match="sensitivity"):
-        _run(allocation="sensitivity")
+def test_sensitivity_without_curves_is_a_clear_error(tmp_path):
+    from onnxcompress.planning import Tucker2Planner
+
+    # the planner alone (no pipeline to measure curves, no --sensitivity file)
+    planner = Tucker2Planner(Recipe(allocation="sensitivity"))
+    with pytest.raises(UserError, match="--sensitivity FILE"):
+        planner.prepare(_free_infos())
+    with pytest.raises(UserError, match="no such file"):
+        _run(allocation="sensitivity", sensitivity=str(tmp_path / "missing.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"measurements": [], "layers": []}')
+    with pytest.raises(UserError, match="no measurement for layer"):
+        _run(allocation="sensitivity", sensitivity=str(bad))
+
+
+def test_sensitivity_measured_on_the_fly_meets_the_global_target(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONNXCOMPRESS_CACHE", str(tmp_path))
+    rep = _run(ratio=2, allocation="sensitivity", calibration=str(MODEL.parent / "digits_calib.npz"),
+               calibration_samples=16, rank_multiple=1)
+    assert any("measured on the fly" in w for w in rep["warnings"])
+    layers = [l for l in rep["layers"] if l["skipped"] is None or "sensitivity" in l["skipped"]]
+    assert len(layers) == 6
+    before = sum(l["params_before"] for l in layers)
+    after = sum(l["params_after"] for l in layers)
+    assert before / after >= 1.99     # the target holds on weights; biases (identical) make it 1.99x
+    assert any(l["skipped"] == "kept by the sensitivity allocation" for l in layers)
+
+
+def _free_infos():
+    from onnxcompress.graph import conv_info, infer_value_shapes, input_shapes
+    from onnxcompress.modelio import load_model
+    from onnxcompress.passes._gs import import_graph
+    from onnxcompress.passes.fold_bn import FoldBatchNorm
+
+    m = FoldBatchNorm().run(load_model(MODEL)).model
+    vs = infer_value_shapes(m, input_shapes(m))
+    convs = [n for n in import_graph(m).nodes if n.op == "Conv"]
+    return [conv_info(n, i, vs) for i, n in enumerate(convs) if n.inputs[1].shape[2:] == [3, 3]
+            and n.inputs[1].shape[1] > 4]

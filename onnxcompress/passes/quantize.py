@@ -58,6 +58,9 @@ class QuantizeInt8(Pass):
         self.fmt = fmt
         self.exclude_globs = list(exclude_globs or [])
         self.calibration_label = calibration_label
+        #: tensors to quantize with 16-bit QDQ instead of 8-bit (e.g. CP intermediates, passes/cp.py);
+        #: ORT bumps the model to opset 21 for them
+        self.int16_tensors: list[str] = []
 
     def run(self, model: onnx.ModelProto, progress=None) -> PassResult:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -67,7 +70,12 @@ class QuantizeInt8(Pass):
         if q:
             raise UserError(f"model is already quantized (contains {', '.join(q)}): refusing to re-quantize; "
                             f"use --quantize none")
+        bad = _nonfinite_weights(model)
+        if bad:
+            raise UserError(f"weight {bad[0]!r}{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''} holds "
+                            f"NaN or Inf: cannot compute INT8 scales; fix the model or use --quantize none")
         qt = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+        model, upgraded = _at_least_opset(model, 13)
         with tempfile.TemporaryDirectory(prefix="onnxcompress-q-") as td:
             src, pre, dst = Path(td) / "in.onnx", Path(td) / "pre.onnx", Path(td) / "out.onnx"
             big = model.ByteSize() > 2**31 - 1000
@@ -83,6 +91,9 @@ class QuantizeInt8(Pass):
             if progress:
                 progress(f"INT8: calibrating ({self.calibration_label})")
             extra = {"ActivationSymmetric": self.fmt.symmetric_activations, "WeightSymmetric": True}
+            if self.int16_tensors:
+                q16 = QuantType.QUInt16 if self.fmt.activations == "uint8" else QuantType.QInt16
+                extra["TensorQuantOverrides"] = {t: [{"quant_type": q16}] for t in self.int16_tensors}
             quantize_static(str(pre), str(dst), self.reader_factory(), quant_format=QuantFormat.QDQ,
                             per_channel=self.fmt.per_channel, activation_type=qt[self.fmt.activations],
                             weight_type=qt[self.fmt.weights], calibrate_method=CalibrationMethod.MinMax,
@@ -91,9 +102,35 @@ class QuantizeInt8(Pass):
             out = onnx.load(str(dst))
         quantized = _quantized_nodes(out)
         records = [LayerRecord(name=n, op=op, method="int8") for n, op in quantized]
-        info = {"int8": self.fmt.to_dict(), "quantized_ops": _count_ops(quantized),
+        info = {"int8": {**self.fmt.to_dict(), **({"opset_upgraded_to": 13} if upgraded else {})}, "quantized_ops": _count_ops(quantized),
                 "float_ops_left": _float_compute_ops(out), "excluded": excluded}
         return PassResult(model=out, modified=True, layers=records, lossless=False, info=info)
+
+
+def _at_least_opset(model: onnx.ModelProto, version: int) -> tuple[onnx.ModelProto, bool]:
+    """Per-channel QDQ needs DequantizeLinear's `axis` (opset 13): convert older models first."""
+    cur = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), version)
+    if cur >= version:
+        return model, False
+    from onnx import version_converter
+
+    try:
+        return version_converter.convert_version(model, version), True
+    except Exception as e:
+        raise UserError(f"INT8 QDQ needs opset >= {version} and converting this opset-{cur} model failed "
+                        f"({str(e).splitlines()[0][:150] if str(e) else type(e).__name__})") from e
+
+
+def _nonfinite_weights(model: onnx.ModelProto) -> list[str]:
+    import numpy as np
+    from onnx import numpy_helper
+
+    out = []
+    for t in model.graph.initializer:
+        if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
+            if not np.all(np.isfinite(numpy_helper.to_array(t))):
+                out.append(t.name)
+    return out
 
 
 def _matching_nodes(model: onnx.ModelProto, globs: list[str]) -> list[str]:

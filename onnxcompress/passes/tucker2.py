@@ -9,6 +9,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..decompose.tucker2 import tucker2, tucker2_params
+from ..errors import UserError
 from ..graph import ConvInfo, conv_info, infer_value_shapes
 from ._gs import export_graph, import_graph
 from .base import LayerRecord, Pass, PassResult
@@ -30,6 +31,13 @@ def tucker2_problem(info: ConvInfo) -> str | None:
     return None
 
 
+def tucker2_working_set(info: ConvInfo) -> int:
+    """Bytes the HOOI of this kernel holds at once (float64): the kernel, two contracted copies, the two
+    Gram matrices and their eigenvectors."""
+    T, S, k = info.T, info.S, int(np.prod(info.kernel))
+    return 8 * (3 * T * S * k + 2 * T * T + 2 * S * S)
+
+
 def chain_macs(info: ConvInfo, r3: int, r4: int) -> int | None:
     if info.in_shape is None or info.out_shape is None:
         return None
@@ -42,11 +50,13 @@ class Tucker2Pass(Pass):
     name = "Tucker2"
 
     def __init__(self, ranks: RankPolicy, input_shapes: dict[str, tuple[int, ...]] | None = None,
-                 n_iter_max: int = 10, layer_filter: Callable[[ConvInfo], str | None] | None = None):
+                 n_iter_max: int = 10, layer_filter: Callable[[ConvInfo], str | None] | None = None,
+                 max_memory_mb: int | None = None):
         self.ranks = ranks
         self.input_shapes = input_shapes
         self.n_iter_max = n_iter_max
         self.layer_filter = layer_filter
+        self.max_memory_mb = max_memory_mb
 
     def run(self, model: onnx.ModelProto, progress=None) -> PassResult:
         shapes = infer_value_shapes(model, self.input_shapes)
@@ -72,6 +82,11 @@ class Tucker2Pass(Pass):
             if p_chain >= info.params and not (r3 == info.S and r4 == info.T):
                 rec.skipped = f"chain would not shrink (ranks {r3},{r4}: {p_chain} >= {info.params} params)"
                 continue
+            need = tucker2_working_set(info)
+            if self.max_memory_mb is not None and need > self.max_memory_mb * 2**20:
+                raise UserError(f"Tucker2 of layer {node.name} {list(info.weight_shape)} needs about "
+                                f"{need / 2**20:.0f} MB, over the {self.max_memory_mb} MB cap "
+                                f"(raise max_memory_mb, or exclude the layer)")
             if progress:
                 progress(f"Tucker2 {node.name} {list(info.weight_shape)} -> ranks ({r3}, {r4})")
             res = tucker2(info.weight, r3, r4, n_iter_max=self.n_iter_max)

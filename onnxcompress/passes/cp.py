@@ -1,0 +1,448 @@
+"""CP pass (ALGORITHMS.md §2): Conv (group 1, kernel > 1×1) → a CP chain that survives INT8.
+
+CP4 (2-D kernels): 1×1 S→R (`cp_in`) · depthwise Kh×1, group=R, vertical strides/pads/dilations (`cp_v`)
+· depthwise 1×Kw, group=R, horizontal (`cp_h`) · 1×1 R→T with the bias (`cp_out`).
+CP3 (any kernel): 1×1 (`cp_in`) · depthwise kernel with the original strides/pads/dilations (`cp_dw`)
+· 1×1 (`cp_out`). Only the last conv carries the bias (zero padding of intermediates stays exact).
+
+Stabilisers for INT8 (§2.4): EPC (error-preserving correction, lowers κ = ‖λ‖/‖K‖), factor balancing,
+data-free cross-layer equalisation of the chain weights, and — with calibration data — data-driven
+equalisation of the intermediate activations z_k measured on ONNX Runtime (per-channel max-abs; pure
+diagonal rescaling compensated in the next factor, so exact in FP32). Layers whose κ stays above
+`kappa_max` get a fallback when INT8 follows: `keep-float` (the chain's nodes are excluded from INT8),
+`int16` (16-bit QDQ on the chain's intermediates) or `tucker2` (Tucker2 at the same parameter count).
+"""
+from __future__ import annotations
+
+import glob
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+
+from ..decompose.cp import (DEFAULT_EPC_ROUNDS, DEFAULT_KERNEL_ITERS, DEFAULT_KERNEL_TOL, chain_weights,
+                            cp_als, epc, equalize_chain)
+from ..decompose.tucker2 import _blas_one_thread, tucker2, tucker2_params
+from ..graph import ConvInfo, conv_info, infer_value_shapes
+from ..planning_cp import cp_chain_params, kernel_hw
+from ._gs import export_graph, import_graph
+from .base import LayerRecord, Pass, PassResult
+from .tucker2 import Tucker2Pass, chain_macs as tucker2_macs
+
+#: returns R for a layer, or a string: the reason to leave it alone
+RankPolicy = Callable[[ConvInfo], "int | str"]
+FeedsFactory = Callable[[], Iterable[dict]]
+
+FALLBACKS = ("keep-float", "int16", "tucker2", "none")
+EQUALIZE = ("none", "data-free", "data")
+BALANCE = ("sqrt_size", "equal", "none")
+#: κ above which a CP layer is treated as unstable under INT8 (see benchmarks/cp_int8_evidence.py)
+DEFAULT_KAPPA_MAX = 3.0
+DEFAULT_FALLBACK = "tucker2"
+
+
+def cp_problem(info: ConvInfo, variant: str = "cp4") -> str | None:
+    """Why the CP pass cannot rewrite this conv (None when it can)."""
+    if info.problem:
+        return info.problem
+    if info.group != 1:
+        return "depthwise conv" if info.group == info.S == info.T else f"grouped conv (group={info.group})"
+    if int(np.prod(info.kernel)) <= 1:
+        return "1x1 kernel (SVD, not CP)"
+    if info.S <= 4:
+        return f"too few input channels (S={info.S})"
+    if variant == "cp4" and len(info.kernel) != 2:
+        return f"CP4 needs a 2-D kernel (got {len(info.kernel)}-D): use --method cp3"
+    return None
+
+
+def cp_chain_macs(info: ConvInfo, rank: int, variant: str) -> int | None:
+    if info.in_shape is None or info.out_shape is None:
+        return None
+    hw_in, hw_out = int(np.prod(info.in_shape[2:])), int(np.prod(info.out_shape[2:]))
+    r = rank
+    if variant == "cp4":
+        kh, kw = info.kernel
+        mid = r * kh * info.out_shape[2] * info.in_shape[3] + r * kw * hw_out
+    else:
+        mid = r * int(np.prod(info.kernel)) * hw_out
+    return info.S * r * hw_in + mid + r * info.T * hw_out
+
+
+def _suffixes(variant: str) -> list[str]:
+    return ["cp_in", "cp_v", "cp_h", "cp_out"] if variant == "cp4" else ["cp_in", "cp_dw", "cp_out"]
+
+
+def _wrange(w: np.ndarray) -> dict:
+    cm = np.abs(w).reshape(w.shape[0], -1).max(axis=1)
+    return {"min": float(w.min()), "max": float(w.max()),
+            "channel_spread": float(cm.max() / max(np.median(cm), 1e-30))}
+
+
+class CPPass(Pass):
+    """See the module doc. `ranks`: a RankPolicy (e.g. planning_cp.CPPlanner). `calibration`: a callable
+    returning an iterable of ORT feed dicts (enables measured activation ranges and `equalize="data"`).
+    `int8`: an INT8 pass follows (enables the κ fallback). After `run`, `float_nodes` and `int16_tensors`
+    hold what the quantize pass must keep out of INT8 (also in PassResult.info)."""
+
+    name = "CP"
+
+    def __init__(self, ranks: RankPolicy, input_shapes: dict[str, tuple[int, ...]] | None = None, *,
+                 variant: str = "cp4", use_epc: bool = True, balance: str = "sqrt_size",
+                 equalize: str = "data-free", calibration: FeedsFactory | None = None, int8: bool = False,
+                 fallback: str = DEFAULT_FALLBACK, kappa_max: float | None = DEFAULT_KAPPA_MAX,
+                 n_iter_max: int = DEFAULT_KERNEL_ITERS, epc_rounds: int = DEFAULT_EPC_ROUNDS,
+                 tol: float = DEFAULT_KERNEL_TOL, dtype=np.float32, seed: int = 0, layer_filter: Callable[[ConvInfo], str | None] | None = None):
+        if variant not in ("cp4", "cp3"):
+            raise ValueError(f"unknown CP variant {variant!r}")
+        if fallback not in FALLBACKS:
+            raise ValueError(f"unknown CP fallback {fallback!r}")
+        if equalize not in EQUALIZE:
+            raise ValueError(f"unknown CP equalisation {equalize!r}")
+        if balance not in BALANCE:
+            raise ValueError(f"unknown CP balance {balance!r}")
+        self.ranks = ranks
+        self.input_shapes = input_shapes
+        self.variant = variant
+        self.name = variant.upper()
+        self.use_epc = use_epc
+        self.balance = balance
+        self.equalize = equalize
+        self.calibration = calibration
+        self.int8 = int8
+        self.fallback = fallback
+        self.kappa_max = kappa_max
+        self.n_iter_max = n_iter_max
+        self.epc_rounds = epc_rounds
+        self.tol = tol
+        self.dtype = dtype
+        self.seed = seed
+        self.layer_filter = layer_filter
+        self.float_nodes: list[str] = []
+        self.int16_tensors: list[str] = []
+        self.on_quantize_handoff: Callable[[list[str], list[str]], None] | None = None
+
+    # ------------------------------------------------------------------------------------------ run
+    def run(self, model: onnx.ModelProto, progress=None) -> PassResult:
+        self.float_nodes, self.int16_tensors = [], []
+        shapes = infer_value_shapes(model, self.input_shapes)
+        g = import_graph(model)
+        convs = [n for n in g.nodes if n.op == "Conv"]
+        infos = [conv_info(node, idx, shapes) for idx, node in enumerate(convs)]
+        if hasattr(self.ranks, "prepare"):
+            self.ranks.prepare(infos)
+        records: list[LayerRecord] = []
+        chains: dict[str, list[str]] = {}      # layer -> intermediate tensor names (CP chains only)
+        all_exact = True
+        with _blas_one_thread():
+            for node, info in zip(convs, infos):
+                rec = LayerRecord(name=node.name, op="Conv", method=self.variant,
+                                  kernel_shape=list(info.weight_shape), params_before=info.params,
+                                  params_after=info.params, macs_before=info.macs, macs_after=info.macs)
+                records.append(rec)
+                reason = cp_problem(info, self.variant) or (self.layer_filter(info) if self.layer_filter else None)
+                decision = self.ranks(info) if reason is None else reason
+                if isinstance(decision, str):
+                    rec.skipped = decision
+                    continue
+                rank = int(decision)
+                if rank < 1:
+                    rec.skipped = f"invalid CP rank {rank}"
+                    continue
+                if progress:
+                    progress(f"{self.variant.upper()} {node.name} {list(info.weight_shape)} -> rank {rank}")
+                res, extra = self._decompose(info, rank)
+                rec.extra.update(extra)
+                p_chain = cp_chain_params(info, rank, self.variant)
+                unstable = (self.int8 and self.kappa_max is not None and self.fallback != "none"
+                            and res.kappa > self.kappa_max)
+                if unstable:
+                    rec.extra["fallback"] = self.fallback
+                    rec.extra["fallback_reason"] = f"kappa {res.kappa:.3g} > kappa_max {self.kappa_max:g}"
+                if unstable and self.fallback == "tucker2":
+                    if self._tucker2_fallback(g, node, info, rec, p_chain):
+                        all_exact &= (rec.weight_rel_error or 0.0) <= 1e-6
+                        continue
+                    rec.extra["fallback"] = "keep-float"
+                    rec.extra["fallback_reason"] += " (no Tucker2 ranks at this size: kept float)"
+                ws = self._chain(info, res, rec)
+                names = self._replace(g, node, info, ws)
+                rec.ranks = [rank]
+                rec.params_after = p_chain
+                rec.macs_after = cp_chain_macs(info, rank, self.variant)
+                rec.weight_rel_error = res.rel_error
+                rec.new_nodes = names
+                all_exact &= res.rel_error <= 1e-6
+                mids = [f"{n}_out" for n in names[:-1]]
+                chains[node.name] = mids
+                if unstable and rec.extra["fallback"] == "keep-float":
+                    self.float_nodes += names
+                elif unstable and rec.extra["fallback"] == "int16":
+                    self.int16_tensors += mids
+        modified = any(r.skipped is None for r in records)
+        out = export_graph(g, model) if modified else model
+        info_out: dict = {}
+        if modified and chains:
+            out, notes = self._activations(out, chains, records)
+            if notes:
+                info_out["cp_notes"] = notes
+        if self.float_nodes:
+            info_out["float_nodes"] = list(self.float_nodes)
+        if self.int16_tensors:
+            info_out["int16_tensors"] = list(self.int16_tensors)
+        if self.on_quantize_handoff is not None and (self.float_nodes or self.int16_tensors):
+            self.on_quantize_handoff(list(self.float_nodes), list(self.int16_tensors))
+        return PassResult(model=out, modified=modified, layers=records,
+                          lossless=modified and all_exact, info=info_out)
+
+    # ------------------------------------------------------------------------------------------ numerics
+    def _tensor(self, info: ConvInfo) -> np.ndarray:
+        w = np.asarray(info.weight, dtype=np.float64)
+        t, s = info.T, info.S
+        if self.variant == "cp4":
+            return w.reshape(t, s, *kernel_hw(info))
+        return w.reshape(t, s, int(np.prod(info.kernel)))
+
+    def _decompose(self, info: ConvInfo, rank: int):
+        x = self._tensor(info)
+        als = cp_als(x, rank, init="svd", n_iter_max=self.n_iter_max, tol=self.tol,
+                     random_state=self.seed, dtype=self.dtype)
+        extra = {"variant": self.variant, "kappa_als": als.kappa, "rel_error_als": als.rel_error,
+                 "als_sweeps": als.n_iter, "epc": bool(self.use_epc)}
+        res = als
+        if self.use_epc:
+            res = epc(x, als, n_rounds=self.epc_rounds, dtype=self.dtype)
+            extra.update({"kappa_epc": res.kappa, "epc_rounds": res.n_iter})
+        extra["kappa"] = res.kappa
+        lam = np.asarray(res.weights)
+        extra["lambda_max_over_min"] = float(lam.max() / max(lam.min(), 1e-300)) if lam.size else None
+        return res, extra
+
+    def _chain(self, info: ConvInfo, res, rec: LayerRecord) -> list[np.ndarray]:
+        kh, kw = kernel_hw(info)
+        shape = (info.T, info.S, kh, kw) if self.variant == "cp4" else (info.T, info.S, kh * kw, 1)
+        ws = chain_weights(res, self.variant, shape, balance=self.balance)
+        if self.variant == "cp3":
+            ws[1] = ws[1].reshape((rank_of(ws),) + (1,) + tuple(info.kernel))
+        eq = self.equalize if self.equalize != "data" or self.calibration is not None else "data-free"
+        rec.extra["balance"] = self.balance
+        rec.extra["equalize"] = eq
+        if eq in ("data-free", "data"):
+            ws = equalize_chain(ws)
+        rec.extra["weight_ranges"] = {sfx: _wrange(w) for sfx, w in zip(_suffixes(self.variant), ws)}
+        return ws
+
+    def _tucker2_fallback(self, g, node, info: ConvInfo, rec: LayerRecord, p_chain: int) -> bool:
+        """Replace the layer by Tucker2 with the largest proportional ranks whose chain fits in p_chain."""
+        from ..decompose.allocate import tucker2_params as t2p
+        from ..planning import layer_spec
+
+        sp = layer_spec(info)
+        bias = info.T if info.has_bias else 0
+        best = None
+        for r3 in range(1, info.S + 1):   # largest r3 (r4 ∝ T/S) under the CP budget
+            r4 = max(1, min(info.T, int(round(r3 * info.T / info.S))))
+            if t2p(sp.T, sp.S, sp.K, r3, r4) + bias <= p_chain:
+                best = (r3, r4)
+        if best is None:
+            return False
+        r3, r4 = best
+        res = tucker2(info.weight, r3, r4, n_iter_max=10)
+        Tucker2Pass._replace(g, node, info, res)
+        k = int(np.prod(info.kernel))
+        rec.method = "tucker2"
+        rec.ranks = [r3, r4]
+        rec.params_after = tucker2_params(info.T, info.S, k, r3, r4) + bias
+        rec.macs_after = tucker2_macs(info, r3, r4)
+        rec.weight_rel_error = res.rel_error
+        rec.new_nodes = [f"{node.name}/t2_in", f"{node.name}/t2_core", f"{node.name}/t2_out"]
+        return True
+
+    # ------------------------------------------------------------------------------------------ graph
+    def _replace(self, g: gs.Graph, node: gs.Node, info: ConvInfo, ws: list[np.ndarray]) -> list[str]:
+        dt = info.weight.dtype
+        nd = len(info.kernel)
+        x, y = node.inputs[0], node.outputs[0]
+        names = [f"{node.name}/{s}" for s in _suffixes(self.variant)]
+        r = ws[0].shape[0]
+        ones = [1] * nd
+        pw = {"kernel_shape": ones, "strides": ones, "pads": [0] * (2 * nd), "dilations": ones, "group": 1}
+        if self.variant == "cp4":
+            (sh, sw), (dh, dw) = info.strides, info.dilations
+            top, left, bottom, right = info.pads
+            kh, kw = info.kernel
+            mids = [{"kernel_shape": [kh, 1], "strides": [sh, 1], "pads": [top, 0, bottom, 0],
+                     "dilations": [dh, 1], "group": r},
+                    {"kernel_shape": [1, kw], "strides": [1, sw], "pads": [0, left, 0, right],
+                     "dilations": [1, dw], "group": r}]
+        else:
+            mids = [{"kernel_shape": list(info.kernel), "strides": list(info.strides), "pads": list(info.pads),
+                     "dilations": list(info.dilations), "group": r}]
+        attrs = [pw] + mids + [pw]
+        if nd != 2:   # CP3 on 1-D / 3-D kernels: reshape the 1×1 weights
+            ws = [ws[0].reshape((r, info.S) + (1,) * nd)] + ws[1:-1] + [ws[-1].reshape((info.T, r) + (1,) * nd)]
+        cur = x
+        new = []
+        for i, (nm, a, w) in enumerate(zip(names, attrs, ws)):
+            last = i == len(names) - 1
+            out = y if last else gs.Variable(f"{nm}_out", dtype=x.dtype)
+            ins = [cur, gs.Constant(f"{nm}_W", np.ascontiguousarray(w, dtype=dt))]
+            if last and info.has_bias:
+                ins.append(gs.Constant(f"{nm}_B", np.asarray(info.bias, dtype=dt)))
+            new.append(gs.Node("Conv", nm, attrs=dict(a), inputs=ins, outputs=[out]))
+            cur = out
+        node.inputs.clear()
+        node.outputs.clear()
+        g.nodes.extend(new)
+        return names
+
+    # ------------------------------------------------------------------------------------------ data
+    def _activations(self, model: onnx.ModelProto, chains: dict[str, list[str]], records: list[LayerRecord]):
+        """Measure the intermediates on the calibration data (ORT, extra outputs); with equalize='data'
+        rescale them to equal per-channel ranges. Returns (model, notes)."""
+        if self.calibration is None:
+            return model, []
+        tensors = [t for mids in chains.values() for t in mids]
+        try:
+            stats = measure_channel_ranges(model, tensors, self.calibration())
+        except Exception as e:  # measurement is best effort: the chain itself is already verified
+            return model, [f"could not measure CP activation ranges on ORT: {str(e).splitlines()[0][:200]}"]
+        by_name = {r.name: r for r in records}
+        scales_all: dict[str, np.ndarray] = {}
+        for layer, mids in chains.items():
+            rec = by_name[layer]
+            rec.extra["activation_ranges"] = {t.rsplit("/", 1)[-1]: _arange(*stats[t]) for t in mids}
+            if rec.extra.get("equalize") != "data":
+                continue
+            w_last = _init_array(model, f"{layer}/cp_out_W")
+            scales = data_equalization_scales([stats[t] for t in mids], w_last)
+            for t, s in zip(mids, scales):
+                scales_all[t] = s
+            rec.extra["activation_ranges_equalized"] = {
+                t.rsplit("/", 1)[-1]: _arange(stats[t][0] / s, stats[t][1] / s) for t, s in zip(mids, scales)}
+        if scales_all:
+            model = apply_activation_scales(model, chains, scales_all)
+            for layer in chains:
+                rec = by_name[layer]
+                if rec.extra.get("equalize") == "data":
+                    ws = [_init_array(model, f"{n}_W") for n in rec.new_nodes]
+                    rec.extra["weight_ranges"] = {n.rsplit("/", 1)[-1]: _wrange(w) for n, w in zip(rec.new_nodes, ws)}
+        return model, []
+
+
+def rank_of(ws: list[np.ndarray]) -> int:
+    return int(ws[0].shape[0])
+
+
+def _arange(cmin: np.ndarray, cmax: np.ndarray) -> dict:
+    am = np.maximum(np.abs(cmin), np.abs(cmax))
+    return {"min": float(cmin.min()), "max": float(cmax.max()),
+            "channel_spread": float(am.max() / max(np.median(am), 1e-30))}
+
+
+def _init_array(model: onnx.ModelProto, name: str) -> np.ndarray:
+    for t in model.graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    raise KeyError(name)
+
+
+def measure_channel_ranges(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[dict]
+                           ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-channel (axis 1) min and max of `tensors` over all batches, measured on ORT CPU."""
+    from ..evaluate import make_session
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for t in tensors:
+        if t not in have:
+            m.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+    sess = make_session(m, "cpu", optimize=False)
+    names = [o.name for o in sess.get_outputs()]
+    idx = [names.index(t) for t in tensors]
+    lo: dict[str, np.ndarray] = {}
+    hi: dict[str, np.ndarray] = {}
+    n = 0
+    for feed in feeds:
+        outs = sess.run(None, feed)
+        n += 1
+        for t, i in zip(tensors, idx):
+            a = np.moveaxis(np.asarray(outs[i], dtype=np.float64), 1, 0).reshape(outs[i].shape[1], -1)
+            mn, mx = a.min(axis=1), a.max(axis=1)
+            lo[t] = mn if t not in lo else np.minimum(lo[t], mn)
+            hi[t] = mx if t not in hi else np.maximum(hi[t], mx)
+    if n == 0:
+        raise ValueError("no calibration batches")
+    return {t: (lo[t], hi[t]) for t in tensors}
+
+
+def data_equalization_scales(stats: list[tuple[np.ndarray, np.ndarray]], w_last: np.ndarray) -> list[np.ndarray]:
+    """Scales s_k (z_k ← z_k / s_k) that give every channel of z_k the same max-abs (geometric mean of the
+    measured ones). The last intermediate is compensated in the R→T conv, whose rows are quantized per
+    output channel across all R columns: if full equalisation would widen that conv's column spread,
+    use the geometric-mean compromise s_r = √(m_r / c_r) (balances activation and column ranges)."""
+    out = []
+    for k, (mn, mx) in enumerate(stats):
+        m = np.maximum(np.abs(mn), np.abs(mx))
+        ok = m > 0
+        if not ok.any():
+            out.append(np.ones_like(m))
+            continue
+        gm = float(np.exp(np.mean(np.log(m[ok]))))
+        s = np.where(ok, m / gm, 1.0)
+        if k == len(stats) - 1:
+            c = np.abs(w_last).reshape(w_last.shape[0], w_last.shape[1]).max(axis=0)   # per column r
+            spread = lambda v: float(v.max() / max(np.median(v), 1e-30))   # noqa: E731
+            if spread(c * s) > spread(c):
+                cok = ok & (c > 0)
+                ratio = np.where(cok, m / np.where(cok, c, 1.0), 1.0)
+                g2 = float(np.exp(np.mean(np.log(ratio[cok])))) if cok.any() else 1.0
+                s = np.where(cok, np.sqrt(ratio / g2), 1.0)
+        out.append(s)
+    return out
+
+
+def apply_activation_scales(model: onnx.ModelProto, chains: dict[str, list[str]],
+                            scales: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """z ← z/s for each scaled intermediate: the producing conv's output channel r is divided by s_r, the
+    consuming conv's input channel r multiplied by s_r (a depthwise consumer: its channel r)."""
+    inits = {t.name: i for i, t in enumerate(model.graph.initializer)}
+    producer = {n.output[0]: n for n in model.graph.node if n.op_type == "Conv"}
+    consumer = {n.input[0]: n for n in model.graph.node if n.op_type == "Conv"}
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    arrays: dict[str, np.ndarray] = {}
+
+    def get(name):
+        if name not in arrays:
+            arrays[name] = numpy_helper.to_array(m.graph.initializer[inits[name]]).astype(np.float64)
+        return arrays[name]
+
+    for mids in chains.values():
+        for t in mids:
+            if t not in scales:
+                continue
+            s = np.asarray(scales[t], dtype=np.float64)
+            p, c = producer[t], consumer[t]
+            wp = get(p.input[1])
+            arrays[p.input[1]] = wp / s.reshape((-1,) + (1,) * (wp.ndim - 1))
+            wc = get(c.input[1])
+            depthwise = wc.shape[1] == 1 and wc.shape[0] == s.shape[0] and s.shape[0] > 1 and \
+                next((a.i for a in c.attribute if a.name == "group"), 1) == s.shape[0]
+            if depthwise:
+                arrays[c.input[1]] = wc * s.reshape((-1,) + (1,) * (wc.ndim - 1))
+            else:
+                arrays[c.input[1]] = wc * s.reshape((1, -1) + (1,) * (wc.ndim - 2))
+    for name, a in arrays.items():
+        old = m.graph.initializer[inits[name]]
+        dt = onnx.helper.tensor_dtype_to_np_dtype(old.data_type)
+        m.graph.initializer[inits[name]].CopyFrom(numpy_helper.from_array(a.astype(dt), name))
+    return m
+
+
+def float_node_globs(names: list[str]) -> list[str]:
+    """Exact node names as fnmatch globs (escape [, ], *, ?)."""
+    return [glob.escape(n) for n in names]

@@ -1,0 +1,226 @@
+"""Validate an optimized model against its original on real data, per ONNX Runtime provider.
+
+For each requested provider both models run on the same batches; reported: top-1 / top-5 agreement,
+SQNR, cosine similarity, max abs diff, and accuracy before/after when the data has labels (ImageNet-style
+class folders, a labels file, or ``y`` in an .npz). A provider that cannot run here is listed as skipped
+with its reason — never dropped silently.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import onnx
+
+from .errors import UserError
+from .evaluate import FidelityAccumulator, ProviderUnavailable, feeds_for, make_session, provider_status
+from .graph import has_quantized_ops, input_shapes
+from .modelio import load_model
+
+CUDA_INT8_NOTE = ("INT8 QDQ on the CUDA EP runs as simulated quantization (QuantizeLinear/DequantizeLinear "
+                  "around float kernels): this is an accuracy check there, not a speed claim; the TensorRT EP "
+                  "is what runs QDQ models on INT8 kernels on NVIDIA GPUs")
+
+
+@dataclass
+class ProviderValidation:
+    provider: str
+    skipped: str | None = None
+    samples: int = 0
+    top1_agreement: float | None = None
+    top5_agreement: float | None = None
+    sqnr_db: float | None = None
+    cosine: float | None = None
+    max_abs_diff: float | None = None
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+    accuracy_drop: float | None = None
+    note: str | None = None
+
+
+@dataclass
+class ValidationReport:
+    original: str
+    optimized: str
+    data: str
+    labelled: bool
+    samples: int
+    providers: list[ProviderValidation] = field(default_factory=list)
+    optimized_quantized: list[str] = field(default_factory=list)   # quantized op types in the optimized model
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return _clean(asdict(self))
+
+    def provider(self, name: str) -> ProviderValidation | None:
+        return next((p for p in self.providers if p.provider == name), None)
+
+    def table(self) -> str:
+        lines = [f"original  {self.original}", f"optimized {self.optimized}", f"data      {self.data}"]
+        rows = [("provider", "samples", "top-1 agr", "top-5 agr", "SQNR dB", "cosine", "max|diff|",
+                 "acc before", "acc after", "drop")]
+        skipped = []
+        for p in self.providers:
+            if p.skipped:
+                skipped.append(p)
+                continue
+            rows.append((p.provider, str(p.samples), _pct(p.top1_agreement), _pct(p.top5_agreement),
+                         _f(p.sqnr_db, ".1f"), _f(p.cosine, ".5f"), _f(p.max_abs_diff, ".3g"),
+                         _pct(p.accuracy_before), _pct(p.accuracy_after),
+                         "-" if p.accuracy_drop is None else f"{100 * p.accuracy_drop:.2f} pt"))
+        if len(rows) > 1:
+            widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+            for j, r in enumerate(rows):
+                lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                       for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+                if j == 0:
+                    lines.append("  ".join("-" * w for w in widths))
+        for p in skipped:
+            lines.append(f"[{p.provider}] skipped: {p.skipped}")
+        for p in self.providers:
+            if p.note and not p.skipped:
+                lines.append(f"[{p.provider}] note: {p.note}")
+        for n in self.notes:
+            lines.append(f"note: {n}")
+        return "\n".join(lines)
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def _f(x, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _clean(x):
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+# ------------------------------------------------------------------------------------------ data
+def _model_input_shape(model: onnx.ModelProto, name: str, concrete: tuple[int, ...]) -> tuple:
+    """The input shape with the batch dim left open when the model's batch dim is dynamic."""
+    fixed = fixed_batch(model, name)
+    return tuple(concrete) if fixed else (None,) + tuple(concrete[1:])
+
+
+def fixed_batch(model: onnx.ModelProto, name: str) -> int | None:
+    for vi in model.graph.input:
+        if vi.name == name and vi.type.tensor_type.shape.dim:
+            d0 = vi.type.tensor_type.shape.dim[0]
+            if d0.HasField("dim_value") and d0.dim_value > 0:
+                return int(d0.dim_value)
+    return None
+
+
+def open_data(source, model: onnx.ModelProto, input_shape: dict[str, Sequence[int]] | None = None,
+              labels=None, preprocess=None, samples: int | None = None, seed: int = 0):
+    """`source` (a path, 'random', or an opened Dataset) as a Dataset shaped for `model`'s first input."""
+    if hasattr(source, "batches"):
+        return source
+    from .data import DataError, open_dataset
+
+    shapes = input_shapes(model, {k: tuple(v) for k, v in (input_shape or {}).items()})
+    if not shapes:
+        raise UserError("model has no inputs")
+    name = next(iter(shapes))
+    try:
+        return open_dataset(str(source), input_shape=_model_input_shape(model, name, shapes[name]),
+                            input_name=name, preprocess=preprocess, labels=labels, limit=samples, seed=seed)
+    except DataError as e:
+        raise UserError(str(e)) from e
+
+
+def batches_for(ds, model: onnx.ModelProto, name: str, batch_size: int = 16):
+    """Batches of the model's static batch size (a short last batch is dropped), else of `batch_size`."""
+    fixed = fixed_batch(model, name)
+    for inputs, labels in ds.batches(fixed or batch_size):
+        n = len(next(iter(inputs.values())) if isinstance(inputs, dict) else inputs)
+        if fixed and n != fixed:
+            continue
+        yield inputs, labels
+
+
+# ------------------------------------------------------------------------------------------ validate
+def validate(original, optimized, data, providers: Sequence[str] = ("cpu",), labels=None, preprocess=None,
+             input_shape: dict[str, Sequence[int]] | None = None, samples: int | None = None,
+             batch_size: int = 16, seed: int = 0, output_index: int = 0) -> ValidationReport:
+    """Compare `optimized` with `original` (paths or ModelProtos) on `data` on every provider."""
+    orig_name = str(original) if not isinstance(original, onnx.ModelProto) else "<original model>"
+    opt_name = str(optimized) if not isinstance(optimized, onnx.ModelProto) else "<optimized model>"
+    m0 = original if isinstance(original, onnx.ModelProto) else load_model(original)
+    m1 = optimized if isinstance(optimized, onnx.ModelProto) else load_model(optimized)
+    ins0 = [i.name for i in m0.graph.input if i.name not in {t.name for t in m0.graph.initializer}]
+    ins1 = [i.name for i in m1.graph.input if i.name not in {t.name for t in m1.graph.initializer}]
+    if ins0 != ins1:
+        raise UserError(f"the models' inputs differ: {', '.join(ins0)} vs {', '.join(ins1)}")
+    if len(m0.graph.output) != len(m1.graph.output):
+        raise UserError("the models have different numbers of outputs")
+    ds = open_data(data, m0, input_shape, labels, preprocess, samples, seed)
+    q = has_quantized_ops(m1)
+    rep = ValidationReport(original=orig_name, optimized=opt_name, data=getattr(ds, "description", str(data)),
+                           labelled=bool(getattr(ds, "has_labels", False)), samples=len(ds),
+                           optimized_quantized=q)
+    if getattr(ds, "kind", "") == "random":
+        rep.notes.append("random inputs (not real data): agreement and SQNR say little about accuracy")
+    if labels is not None and not rep.labelled:
+        rep.notes.append("labels were given but the data source did not use them")
+    name = ins0[0]
+    s0, s1 = _serialize(m0), _serialize(m1)
+    for prov in providers:
+        pv = ProviderValidation(provider=prov, skipped=provider_status(prov))
+        rep.providers.append(pv)
+        if pv.skipped:
+            continue
+        if prov == "cuda" and q:
+            pv.note = CUDA_INT8_NOTE
+        try:
+            a, b = make_session(s0, prov), make_session(s1, prov)
+        except ProviderUnavailable as e:
+            pv.skipped = str(e)
+            continue
+        except Exception as e:  # noqa: BLE001 - e.g. CUDA EP present but no device: report, keep going
+            pv.skipped = f"cannot create a session: {(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}"
+            continue
+        if prov != "cpu" and _fell_back(a, prov):
+            pv.note = ((pv.note + "; ") if pv.note else "") + "the session fell back to CPUExecutionProvider"
+        acc = FidelityAccumulator()
+        for inputs, lab in batches_for(ds, m0, name, batch_size):
+            feeds = feeds_for(inputs, ins0)
+            acc.update(a.run(None, feeds)[output_index], b.run(None, feeds)[output_index], lab)
+        f = acc.result(prov, rep.data)
+        for k in ("samples", "top1_agreement", "top5_agreement", "sqnr_db", "cosine", "max_abs_diff",
+                  "accuracy_before", "accuracy_after", "accuracy_drop"):
+            setattr(pv, k, getattr(f, k))
+    if q and any(p == "cuda" for p in providers):
+        rep.notes.append(CUDA_INT8_NOTE)
+    return rep
+
+
+def _serialize(m: onnx.ModelProto):
+    """The model for ORT; models over 2 GB go through a temporary file (kept for the process lifetime)."""
+    if m.ByteSize() < 2**31 - 1:
+        return m
+    import tempfile
+
+    td = tempfile.mkdtemp(prefix="onnxcompress-val-")
+    p = Path(td) / "m.onnx"
+    onnx.save_model(m, p, save_as_external_data=True, location="m.data")
+    return str(p)
+
+
+def _fell_back(session, provider: str) -> bool:
+    from .evaluate import PROVIDERS
+
+    try:
+        return PROVIDERS[provider] not in session.get_providers()
+    except Exception:  # noqa: BLE001
+        return False

@@ -1,0 +1,197 @@
+"""`onnxcompress analyze` on the shipped digits CNN (real trained weights and data): outputs, cache,
+resume, jobs, additivity, and the sensitivity allocation built on its curves."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from onnxcompress.analyze import CSV_FIELDS, analyze
+from onnxcompress.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "models" / "digits_cnn.onnx"
+CALIB = str(ROOT / "models" / "digits_calib.npz")
+GRID = [2, 4]
+SAMPLES = 16
+
+
+@pytest.fixture(autouse=True)
+def _one_blas_thread():
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(1, "blas"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """One full TD sweep (all 6 decomposable layers x GRID + the global curve), written to disk."""
+    from threadpoolctl import threadpool_limits
+
+    out = tmp_path_factory.mktemp("analyze")
+    with threadpool_limits(1, "blas"):
+        res = analyze(MODEL, CALIB, grid=GRID, samples=SAMPLES, out_dir=out, progress=False)
+    return out, res
+
+
+def test_outputs_have_the_promised_fields(swept):
+    out, res = swept
+    for f in ("analyze.json", "analyze.csv", "sensitivity_top1.png", "sensitivity_sqnr.png",
+              "sensitivity_accuracy.png", "global_curve.png"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    data = json.loads((out / "analyze.json").read_text())
+    assert data["settings"]["grid"] == [2.0, 4.0] and data["settings"]["samples"] == SAMPLES
+    assert data["reference"]["accuracy"] is not None            # the npz has labels
+    dec = [l["name"] for l in data["layers"] if l["decomposable"]]
+    assert len(dec) == 6
+    td = [r for r in data["measurements"] if r["kind"] == "td" and r["scope"] == "layer"]
+    assert {(r["layer"], r["ratio"]) for r in td} == {(n, float(g)) for n in dec for g in GRID}
+    for r in td:
+        assert 0 <= r["top1_agreement"] <= 1 and r["sqnr_db"] > 0 and r["accuracy_after"] is not None
+        assert r["params_after"] < r["params_before"] and r["r3"] >= 1 and r["r4"] >= 1
+    glob = [r for r in data["measurements"] if r["scope"] == "global"]
+    assert [r["ratio"] for r in glob] == [2.0, 4.0] and all(r["layers_decomposed"] == 6 for r in glob)
+    # a harsher ratio never helps the whole network
+    assert glob[1]["sqnr_db"] < glob[0]["sqnr_db"]
+    with open(out / "analyze.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(data["measurements"]) == 6 * 2 + 2
+    assert set(CSV_FIELDS) <= set(rows[0])
+
+
+def test_additivity_fields(swept):
+    _, res = swept
+    add = res["additivity"]
+    assert {"top1", "accuracy", "noise"} <= set(add["metrics"])
+    assert [e["ratio"] for e in add["td"]] == [2.0, 4.0]
+    for e in add["td"]:
+        assert e["complete"] and e["layers"] == 6
+        for m in ("top1", "accuracy", "noise"):
+            assert set(e[m]) == {"sum_of_layers", "measured"}
+        assert e["noise"]["sum_of_layers"] > 0 and e["sqnr_db"]["measured"] is not None
+    s = add["summary"]["td"]["noise"]
+    assert s["points"] == 2 and s["median_measured_over_predicted"] > 0
+
+
+def test_rerun_is_served_from_the_cache_and_a_wider_grid_only_adds(swept):
+    out, res = swept
+    assert res["stats"]["evaluated"] == res["stats"]["tasks"] == 14
+    again = analyze(MODEL, CALIB, grid=GRID, samples=SAMPLES, cache_dir=out / "cache", progress=False)
+    assert again["stats"]["evaluated"] == 0 and again["stats"]["cached"] == 14
+    assert [r["top1_agreement"] for r in again["measurements"]] == [r["top1_agreement"] for r in res["measurements"]]
+    wider = analyze(MODEL, CALIB, grid=GRID + [6], samples=SAMPLES, cache_dir=out / "cache", progress=False)
+    assert wider["stats"]["evaluated"] == 6 + 1          # the new ratio: 6 layers + the global point
+    other = analyze(MODEL, CALIB, grid=GRID, samples=SAMPLES // 2, cache_dir=out / "cache", progress=False,
+                    global_curve=False, layers=["/stage3/conv2/Conv"])
+    assert other["stats"]["evaluated"] == 2               # other data: a different key
+
+
+def test_interrupted_run_resumes(tmp_path):
+    seen = []
+
+    def stop_after_three(_m):
+        seen.append(1)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    kw = dict(grid=[3], samples=8, cache_dir=tmp_path / "c", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        analyze(MODEL, CALIB, on_result=stop_after_three, **kw)
+    assert len(list((tmp_path / "c").glob("*.json"))) == 3
+    res = analyze(MODEL, CALIB, **kw)
+    assert res["stats"]["cached"] == 3 and res["stats"]["evaluated"] == res["stats"]["tasks"] - 3 == 4
+
+
+def test_jobs2_gives_the_same_numbers_as_jobs1(tmp_path):
+    kw = dict(grid=[3], samples=8, global_curve=False, progress=False,
+              layers=["/stage1/conv1/Conv", "/stage2/conv2/Conv", "/stage3/conv1/Conv"])
+    a = analyze(MODEL, CALIB, jobs=1, cache_dir=tmp_path / "a", **kw)
+    b = analyze(MODEL, CALIB, jobs=2, cache_dir=tmp_path / "b", **kw)
+    assert a["stats"]["evaluated"] == b["stats"]["evaluated"] == 3
+    for x, y in zip(a["measurements"], b["measurements"]):
+        assert (x["layer"], x["ratio"], x["r3"], x["r4"]) == (y["layer"], y["ratio"], y["r3"], y["r4"])
+        assert x["top1_agreement"] == y["top1_agreement"]
+        assert x["sqnr_db"] == pytest.approx(y["sqnr_db"], rel=1e-9)
+
+
+def test_int8_rows_per_layer(tmp_path):
+    res = analyze(MODEL, CALIB, grid=[3], samples=8, quantize="int8", layers=["/stage3/conv2/Conv"],
+                  global_curve=False, cache_dir=tmp_path, progress=False)
+    kinds = {(r["kind"], r["layer"]) for r in res["measurements"]}
+    assert kinds == {(k, "/stage3/conv2/Conv") for k in ("td", "td+int8", "int8")}
+    by = {r["kind"]: r for r in res["measurements"]}
+    assert by["int8"]["sqnr_db"] > 20                    # one INT8 layer: small error
+    # quantizing the chain changes the outputs, but the decomposition error dominates (§5: errors add in energy)
+    assert by["td+int8"]["sqnr_db"] != by["td"]["sqnr_db"]
+    assert by["td+int8"]["sqnr_db"] == pytest.approx(by["td"]["sqnr_db"], abs=3)
+    pts = res["additivity"]["summary"]["td+int8_layer"]["noise"]
+    assert pts["points"] == 1
+
+
+def test_sensitivity_allocation_meets_target_and_beats_uniform(swept):
+    from onnxcompress.analyze import model_layers
+    from onnxcompress.decompose import allocate as al
+    from onnxcompress.graph import input_shapes
+    from onnxcompress.modelio import load_model
+    from onnxcompress.passes.fold_bn import FoldBatchNorm
+    from onnxcompress.sensitivity import allocate_by_sensitivity, layer_options
+
+    _, res = swept
+    m = load_model(MODEL)
+    lays = [l for l in model_layers(FoldBatchNorm().run(m).model, input_shapes(m)) if l.decomposable]
+    specs = [l.spec for l in lays]
+    base = sum(al.conv_params(s) for s in specs)
+    for target in ("params", "macs"):
+        uni = al.uniform_ranks(specs, 2, "params")
+        u_cost = al.total_cost(specs, uni, target)
+        ratio = sum(al.conv_cost(s, target) for s in specs) / u_cost     # uniform is exactly feasible
+        alloc, notes = allocate_by_sensitivity(res, lays, specs, ratio, target)
+        assert al.total_cost(specs, alloc, target) <= u_cost * (1 + 1e-9)
+        curves, kind = layer_options(res, lays, specs, target)
+        assert kind == "td"
+
+        def pred(a):
+            return sum(next(o[1] for o in curves[n] if o[2] == (tuple(a[n]) if a[n] else None)) for n in curves)
+        assert pred(alloc) <= pred(uni) + 1e-12
+        assert "sensitivity allocation" in notes[-1]
+    alloc, _ = allocate_by_sensitivity(res, lays, specs, 3.0, "params")
+    assert base / al.total_cost(specs, alloc, "params") >= 3.0
+
+
+def test_bad_usage_is_a_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    with pytest.raises(UserError, match="grid"):
+        analyze(MODEL, CALIB, grid=[1.0], cache_dir=tmp_path)
+    with pytest.raises(UserError, match="only tucker2"):
+        analyze(MODEL, CALIB, method="cp4", cache_dir=tmp_path)
+    with pytest.raises(UserError, match="no conv named"):
+        analyze(MODEL, CALIB, layers=["nope"], cache_dir=tmp_path)
+    monkeypatch.setitem(sys.modules, "ray", None)      # as if Ray were not installed
+    with pytest.raises(UserError, match="pip install"):
+        analyze(MODEL, CALIB, executor="ray", cache_dir=tmp_path)
+
+
+def test_cli_analyze(tmp_path, capsys):
+    from onnxcompress.cli import main
+
+    rc = main(["analyze", str(MODEL), "--data", CALIB, "--grid", "4", "--samples", "8", "--out",
+               str(tmp_path / "o"), "--layers", "/stage3/conv2/Conv", "--no-global"])
+    assert rc == 0
+    assert (tmp_path / "o" / "analyze.json").is_file() and (tmp_path / "o" / "sensitivity_top1.png").is_file()
+    assert "1 tasks: 1 evaluated" in capsys.readouterr().out
+    rc = main(["analyze", str(MODEL), "--data", CALIB, "--grid", "x", "--out", str(tmp_path / "p")])
+    assert rc == 2
+
+
+@pytest.mark.slow
+def test_ray_executor_local_instance(tmp_path):
+    pytest.importorskip("ray")
+    kw = dict(grid=[3], samples=8, global_curve=False, progress=False,
+              layers=["/stage2/conv2/Conv", "/stage3/conv1/Conv"])
+    a = analyze(MODEL, CALIB, executor="ray", jobs=2, cache_dir=tmp_path / "r", **kw)
+    b = analyze(MODEL, CALIB, jobs=1, cache_dir=tmp_path / "l", **kw)
+    assert a["stats"]["evaluated"] == 2
+    assert [r["sqnr_db"] for r in a["measurements"]] == pytest.approx([r["sqnr_db"] for r in b["measurements"]])
