@@ -36,6 +36,7 @@ def main() -> int:
     from onnxcompress.graph import input_shapes
     from onnxcompress.modelio import load_model
 
+    load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     path = zoo.cached_export("resnet18", "imagenet", weights="none")
     t_export = time.perf_counter() - t0
@@ -63,6 +64,12 @@ def main() -> int:
     if per:
         print(f"per task (one worker): median {per[len(per) // 2]:.2f}s, min {per[0]:.2f}s, max {per[-1]:.2f}s, "
               f"sum {sum(per):.1f}s -> {sum(per) / max(st['run_seconds'], 1e-9):.2f} tasks in parallel on average")
+    cpu = sorted(r["cpu_seconds"] for r in rows if r.get("cpu_seconds") and not r.get("cached"))
+    if cpu:
+        print(f"CPU seconds per task: median {cpu[len(cpu) // 2]:.2f}s, sum {sum(cpu):.1f}s (+ setup "
+              f"{st['seconds'] - st['run_seconds']:.1f}s) -> {sum(cpu) / a.jobs + st['seconds'] - st['run_seconds']:.0f}s "
+              f"wall on {a.jobs} idle cores")
+    print(f"load average (1 min) before {load0:.1f}, after {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"target <= 300 s: {'met' if wall <= 300 else 'NOT met'}" + (" (quick subset)" if a.quick else ""))
     return 0
 

@@ -43,7 +43,7 @@ DEFAULT_SAMPLES = 64
 CSV_FIELDS = ("kind", "scope", "layer", "ratio", "r3", "r4", "layers_decomposed", "params_before", "params_after",
               "macs_before", "macs_after", "weight_rel_error", "samples", "top1_agreement", "top5_agreement",
               "sqnr_db", "noise", "cosine", "max_abs_diff", "accuracy_before", "accuracy_after", "accuracy_drop",
-              "skipped", "seconds", "cached")
+              "skipped", "seconds", "cpu_seconds", "cached")
 
 
 # ------------------------------------------------------------------------------------------ setup
@@ -120,6 +120,77 @@ def _open(source, model, shapes, preprocess, labels, limit, seed):
         raise UserError(str(e)) from e
 
 
+# ------------------------------------------------------------------------------------------ suffix evaluation
+def _descendants(graph: onnx.GraphProto, node_name: str) -> set[int] | None:
+    consumers: dict[str, list[int]] = {}
+    for i, n in enumerate(graph.node):
+        for t in n.input:
+            consumers.setdefault(t, []).append(i)
+    start = next((i for i, n in enumerate(graph.node) if n.name == node_name), None)
+    if start is None:
+        return None
+    seen, todo = {start}, [start]
+    while todo:
+        for t in graph.node[todo.pop()].output:
+            for j in consumers.get(t, []):
+                if j not in seen:
+                    seen.add(j)
+                    todo.append(j)
+    return seen
+
+
+def suffix_boundaries(model: onnx.ModelProto, layers: Sequence[str]) -> dict[str, list[str]]:
+    """For each layer: the tensors its downstream part (the layer and every node that depends on it) reads
+    from upstream. A one-layer variant then only needs that part evaluated, fed with the original's values
+    (which do not change upstream of the layer). Layers whose part misses the first output are left out."""
+    g = model.graph
+    inits = {t.name for t in g.initializer}
+    producer = {t: n for n in g.node for t in n.output}
+    out0 = g.output[0].name
+    res = {}
+    for layer in layers:
+        desc = _descendants(g, layer)
+        if desc is None:
+            continue
+        names = {t for i in desc for t in g.node[i].output}
+        if out0 not in names:
+            continue
+        b = []
+        for i in sorted(desc):
+            for t in g.node[i].input:
+                if not t or t in inits or t in names or t in b:
+                    continue
+                p = producer.get(t)
+                if p is not None and p.op_type == "Constant":
+                    continue
+                b.append(t)
+        res[layer] = b
+    return res
+
+
+def suffix_model(model: onnx.ModelProto, layer: str, boundary: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """The part of `model` downstream of `layer` as a model whose inputs are the `boundary` tensors
+    (example values give their dtype and shape) and whose output is the model's first output."""
+    from onnx import helper
+
+    g = model.graph
+    desc = _descendants(g, layer)
+    producer = {t: n for n in g.node for t in n.output}
+    nodes = [g.node[i] for i in sorted(desc)]
+    used = {t for n in nodes for t in n.input}
+    consts = [producer[t] for t in sorted(used) if t in producer and producer[t].op_type == "Constant"
+              and producer[t] not in nodes]
+    nodes = consts + nodes
+    used |= {t for n in consts for t in n.input}
+    inputs = [helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape))
+              for t, v in boundary.items()]
+    graph = helper.make_graph(nodes, f"{g.name}_suffix", inputs, [g.output[0]],
+                              [t for t in g.initializer if t.name in used])
+    m = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    m.producer_name = model.producer_name
+    return m
+
+
 # ------------------------------------------------------------------------------------------ worker side
 class _Context:
     """What a worker needs, built once per process from the pickled payload."""
@@ -135,6 +206,26 @@ class _Context:
         self.fmt = payload["fmt"]
         self.threads = payload["threads"]
         self.input_name = next(iter(self.shapes))
+        self.suffix: dict[str, list[str]] = payload.get("suffix") or {}   # layer -> boundary tensors
+        self.act_dir = payload.get("act_dir")
+        self._acts: dict[str, np.ndarray] = {}
+        self._suffix_models: dict[str, onnx.ModelProto] = {}
+
+    def activation(self, name: str) -> np.ndarray:
+        """(batches, *batch_shape) values of a tensor of the BN-folded model on the data (memory-mapped)."""
+        if name == self.input_name:
+            return self.xs
+        if name not in self._acts:
+            with open(Path(self.act_dir) / "manifest.json") as f:
+                files = json.load(f)
+            self._acts[name] = np.load(Path(self.act_dir) / files[name], mmap_mode="r")
+        return self._acts[name]
+
+    def suffix_model(self, layer: str) -> onnx.ModelProto:
+        if layer not in self._suffix_models:
+            b = self.suffix[layer]
+            self._suffix_models[layer] = suffix_model(self.model, layer, {t: self.activation(t)[0] for t in b})
+        return self._suffix_models[layer]
 
 
 _CTX: _Context | None = None
@@ -162,8 +253,9 @@ def _ray_run(payload_ref_box: list, task: dict) -> dict:
     import ray
 
     key = task["payload_key"]
-    if _CTX is None or _CTX.key != key:
+    if _CTX is None or getattr(_CTX, "ray_key", None) != key:
         _worker_init(ray.get(payload_ref_box[0]))
+        _CTX.ray_key = key
     return run_task(_CTX, task)
 
 
@@ -222,15 +314,23 @@ def run_task(ctx: _Context, task: dict) -> dict:
     from .evaluate import FidelityAccumulator, make_session
     from .passes.tucker2 import Tucker2Pass
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     kind = task["kind"]
     model = ctx.model
     row: dict[str, Any] = {}
     nodes: list[str] | None = None
+    feeds = None
     if kind in ("td", "td+int8"):
         plan = {k: tuple(v) for k, v in task["ranks"].items()}
         policy = lambda info: plan.get(info.name, "not in this variant")   # noqa: E731
-        res = Tucker2Pass(policy, ctx.shapes).run(model)
+        shapes = ctx.shapes
+        if kind == "td" and task["scope"] == "layer" and task["layer"] in ctx.suffix:
+            # only the layer's downstream part runs, fed with the original's upstream values
+            model = ctx.suffix_model(task["layer"])
+            bnames = ctx.suffix[task["layer"]]
+            shapes = {t: tuple(ctx.activation(t)[0].shape) for t in bnames}
+            feeds = [{t: np.asarray(ctx.activation(t)[i]) for t in bnames} for i in range(len(ctx.xs))]
+        res = Tucker2Pass(policy, shapes).run(model)
         done = [l for l in res.layers if l.skipped is None]
         if not done:
             return {"skipped": "no layer rewritten", "seconds": time.perf_counter() - t0}
@@ -246,13 +346,16 @@ def run_task(ctx: _Context, task: dict) -> dict:
     sess = make_session(model, "cpu", threads=ctx.threads)
     out_name = sess.get_outputs()[0].name
     acc = FidelityAccumulator()
-    for x, y, ref in zip(ctx.xs, ctx.ys, ctx.refs):
-        acc.update(ref, sess.run([out_name], {ctx.input_name: x})[0], y)
+    if feeds is None:
+        feeds = [{ctx.input_name: x} for x in ctx.xs]
+    for fd, y, ref in zip(feeds, ctx.ys, ctx.refs):
+        acc.update(ref, sess.run([out_name], fd)[0], y)
     f = acc.result()
     row.update({"samples": f.samples, "top1_agreement": f.top1_agreement, "top5_agreement": f.top5_agreement,
                 "sqnr_db": f.sqnr_db, "cosine": f.cosine, "max_abs_diff": f.max_abs_diff,
                 "accuracy_before": f.accuracy_before, "accuracy_after": f.accuracy_after,
-                "accuracy_drop": f.accuracy_drop, "seconds": time.perf_counter() - t0})
+                "accuracy_drop": f.accuracy_drop, "seconds": time.perf_counter() - t0,
+                "cpu_seconds": time.process_time() - c0})
     return row
 
 
@@ -378,7 +481,7 @@ def _execute_ray(todo, payload, jobs, on_done) -> None:
     try:
         ref = ray.put(payload)                  # the model bytes travel once, through the object store
         remote = ray.remote(num_cpus=1)(_ray_run)
-        pkey = _sha256(payload[:1 << 20], str(len(payload)).encode())
+        pkey = _sha256(payload)
         pending = {remote.remote([ref], {**task, "payload_key": pkey}): key for key, task in todo}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
@@ -394,6 +497,37 @@ def _execute_ray(todo, payload, jobs, on_done) -> None:
 
 
 # ------------------------------------------------------------------------------------------ analyze
+def _activations(base, bounds, input_name, xs, root: Path, model_sha, data_fp, threads) -> str:
+    """Values of every boundary tensor on the data, one .npy per tensor (batches stacked), computed once."""
+    from .evaluate import make_session
+
+    tensors = sorted({t for b in bounds.values() for t in b} - {input_name})
+    key = _sha256(model_sha.encode(), data_fp.encode(), json.dumps(tensors).encode(), b"act")
+    d = root / f"act-{key[:20]}"
+    if (d / "manifest.json").is_file():
+        return str(d)
+    d.mkdir(parents=True, exist_ok=True)
+    m = onnx.ModelProto()
+    m.CopyFrom(base)
+    have = {o.name for o in m.graph.output}
+    for t in tensors:
+        if t not in have:
+            m.graph.output.append(onnx.ValueInfoProto(name=t))
+    sess = make_session(m, "cpu", threads=threads)
+    vals: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
+    for x in xs:
+        outs = sess.run(tensors, {input_name: x})
+        for t, v in zip(tensors, outs):
+            vals[t].append(v)
+    files = {}
+    for i, t in enumerate(tensors):
+        files[t] = f"t{i}.npy"
+        np.save(d / files[t], np.stack(vals[t]))
+        vals[t] = []
+    (d / "manifest.json").write_text(json.dumps(files))
+    return str(d)
+
+
 def _noise(sqnr_db):
     return None if sqnr_db is None else 10 ** (-float(sqnr_db) / 10)
 
@@ -403,7 +537,7 @@ def analyze(model, data, *, grid: Sequence[float] = DEFAULT_GRID, method: str = 
             input_shape: dict[str, Sequence[int]] | None = None, quantize: str | None = None,
             calibration=None, calibration_samples: int | None = None, jobs: int = 1, executor: str = "local",
             out_dir=None, cache_dir=None, threads: int = 1, seed: int = 0, layers: Sequence[str] | None = None,
-            global_curve: bool = True, progress: bool | None = None,
+            global_curve: bool = True, progress: bool | None = None, suffix: bool | None = None,
             on_result: Callable[[dict], None] | None = None) -> dict:
     """Run the sensitivity sweep and return the analysis (the content of analyze.json). With `out_dir`,
     writes analyze.json, analyze.csv and the PNG plots there; the cache defaults to `out_dir/cache`.
@@ -547,9 +681,17 @@ def analyze(model, data, *, grid: Sequence[float] = DEFAULT_GRID, method: str = 
         if on_result is not None:
             on_result(metrics)
 
+    # one-layer TD variants: evaluate only the layer's downstream part (local executor: the upstream values
+    # are computed once and memory-mapped from the cache folder by the workers)
+    bounds, act_dir = {}, None
+    if (executor == "local" if suffix is None else suffix) and any(
+            t["kind"] == "td" and t["scope"] == "layer" for _, t in todo):
+        bounds = suffix_boundaries(base, [l.name for l in sweep])
+        act_dir = _activations(base, bounds, name, xs, root, model_sha, data_fp, threads)
     payload = pickle.dumps({"key": model_sha + data_fp, "model": base.SerializeToString(), "shapes": shapes,
                             "xs": xs, "ys": ys, "refs": refs, "calib": calib_xs, "fmt": fmt,
-                            "threads": threads}, protocol=pickle.HIGHEST_PROTOCOL)
+                            "threads": threads, "suffix": bounds, "act_dir": act_dir},
+                           protocol=pickle.HIGHEST_PROTOCOL)
     bar.update(len(results), n_cached)
     t_run = time.perf_counter()
     try:
@@ -583,7 +725,8 @@ def analyze(model, data, *, grid: Sequence[float] = DEFAULT_GRID, method: str = 
                        ranks={k: list(v) for k, v in ranks.items()})
         row.update({k: m.get(k) for k in ("weight_rel_error", "samples", "top1_agreement", "top5_agreement",
                                           "sqnr_db", "cosine", "max_abs_diff", "accuracy_before",
-                                          "accuracy_after", "accuracy_drop", "skipped", "seconds", "cached")})
+                                          "accuracy_after", "accuracy_drop", "skipped", "seconds", "cpu_seconds",
+                                          "cached")})
         row["noise"] = _noise(row["sqnr_db"])
         rows.append(row)
 
@@ -608,7 +751,9 @@ def analyze(model, data, *, grid: Sequence[float] = DEFAULT_GRID, method: str = 
         "measurements": rows,
         "additivity": additivity(rows),
         "stats": {"tasks": len(tasks), "evaluated": evaluated, "cached": n_cached,
-                  "skipped": sum(1 for t in tasks if results[t["key"]].get("skipped") and not results[t["key"]].get("cached")),
+                  "skipped": sum(1 for t in tasks if results[t["key"]].get("skipped")),
+                  "evaluated_cpu_seconds": round(sum(results[k].get("cpu_seconds") or 0 for k in
+                                                     {t["key"] for t in tasks} if not results[k].get("cached")), 3),
                   "jobs": jobs, "executor": executor, "run_seconds": round(run_seconds, 3),
                   "seconds": round(time.perf_counter() - t_start, 3),
                   "seconds_per_evaluation": round(run_seconds / evaluated, 4) if evaluated else None,

@@ -172,6 +172,8 @@ def bench(models: Sequence, providers: Sequence[str] = ("cpu",), threads: int | 
         raise ValueError("bench needs at least one model")
     loaded = [_load(m) for m in models]
     labels = list(names) if names is not None else _unique([n for n, _ in loaded])
+    if len(labels) != len(loaded):
+        raise ValueError(f"{len(labels)} names for {len(loaded)} models")
     protos = [m if isinstance(m, onnx.ModelProto) else onnx.load(m, load_external_data=False) for _, m in loaded]
     feeds0, shp0 = model_feeds(protos[0], input_shape, seed)
     feeds = []
@@ -188,14 +190,21 @@ def bench(models: Sequence, providers: Sequence[str] = ("cpu",), threads: int | 
         rep.providers.append(pb)
         if why:
             continue
-        if prov in ("cuda", "tensorrt"):
+        if prov == "cuda":
             pb.note = ("host->device copies included in each run; INT8 QDQ models run as simulated "
                        "quantization on the CUDA EP (Q/DQ around float kernels): not an INT8 speed figure")
+        elif prov == "tensorrt":
+            pb.note = "host->device copies included in each run; TensorRT engines are built at session creation"
         sessions, timings = [], []
         for label, (_, m) in zip(labels, loaded):
             t = ModelTiming(name=label)
             try:
-                sessions.append(make_session(m, prov, threads=threads, optimize=optimize))
+                s = make_session(m, prov, threads=threads, optimize=optimize)
+                if fell_back(s, prov):
+                    s = None
+                    t.error = (f"the {prov} session fell back to CPUExecutionProvider (its provider library "
+                               f"did not load: CUDA/cuDNN libraries missing?); not timed as {prov}")
+                sessions.append(s)
             except ProviderUnavailable as e:
                 t.error = str(e)
                 sessions.append(None)
@@ -221,6 +230,19 @@ def bench(models: Sequence, providers: Sequence[str] = ("cpu",), threads: int | 
                 t.speedup = first.median_ms / t.median_ms
         pb.models = timings
     return rep
+
+
+def fell_back(session, provider: str) -> bool:
+    """True when a session made for `provider` runs on the CPU only (ORT falls back when e.g. the CUDA
+    provider's libraries fail to load)."""
+    from .evaluate import PROVIDERS
+
+    if provider == "cpu":
+        return False
+    try:
+        return PROVIDERS[provider] not in session.get_providers()
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def _unique(names: list[str]) -> list[str]:

@@ -83,13 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     po.add_argument("--cp-equalize", help="CP chain equalisation: none | data-free | data "
                                           "(default: data with calibration data, else data-free)")
     po.add_argument("--cp-fallback", help="CP layers with κ > --cp-kappa-max under INT8: "
-                                          "tucker2 (default) | keep-float | int16 | none")
-    po.add_argument("--cp-kappa-max", type=_float, help="CP cancellation index threshold (default 3)")
+                                          "keep-float (default) | int16 | tucker2 | none")
+    po.add_argument("--cp-kappa-max", type=_float, help="CP cancellation index threshold (default 2.5)")
     po.add_argument("--max-memory-mb", type=int, help="refuse a layer decomposition needing more memory (default 4096)")
     _common(po)
 
     from .cli_eval import add_parsers  # validate, bench
     add_parsers(sub, _common, _float)
+    from .cli_zoo import add_parser as add_zoo  # zoo list / zoo export
+    add_zoo(sub, _common)
     from .cli_analyze import add_parser as add_analyze  # analyze
     add_analyze(sub, _common)
     return p
@@ -192,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
         from .cli_eval import cmd_bench, cmd_validate
         from .cli_analyze import cmd_analyze
-        return {"inspect": cmd_inspect, "optimize": cmd_optimize, "validate": cmd_validate,
+        from .cli_zoo import cmd_zoo
+        return {"zoo": cmd_zoo, "inspect": cmd_inspect, "optimize": cmd_optimize, "validate": cmd_validate,
                 "bench": cmd_bench, "analyze": cmd_analyze}[args.command](args)
     except KeyboardInterrupt:
         print("onnxcompress: interrupted (no output written)", file=sys.stderr)

@@ -1,7 +1,7 @@
 """The `analyze` subcommand: flags → onnxcompress.analyze → files + a summary. Registered by cli.py."""
 from __future__ import annotations
 
-
+import sys
 
 from .errors import UserError
 
@@ -63,12 +63,18 @@ def cmd_analyze(args) -> int:
     if args.executor == "ray" and an.ray_available():
         raise UserError(an.ray_available())
     shapes = parse_input_shapes(args.input_shape) if args.input_shape else None
-    res = an.analyze(args.model, args.data, grid=_grid(args.grid), method=args.method, samples=args.samples,
-                     labels=args.labels, preprocess=args.preprocess, input_shape=shapes,
-                     quantize=args.quantize, calibration=args.calibration, jobs=args.jobs,
-                     executor=args.executor, out_dir=None, cache_dir=args.cache_dir or out / "cache",
-                     threads=args.threads, seed=args.seed, layers=args.layers, global_curve=args.global_curve,
-                     progress=not args.quiet)
+    cache = args.cache_dir or out / "cache"
+    try:
+        res = an.analyze(args.model, args.data, grid=_grid(args.grid), method=args.method, samples=args.samples,
+                         labels=args.labels, preprocess=args.preprocess, input_shape=shapes,
+                         quantize=args.quantize, calibration=args.calibration, jobs=args.jobs,
+                         executor=args.executor, out_dir=None, cache_dir=cache, threads=args.threads,
+                         seed=args.seed, layers=args.layers, global_curve=args.global_curve,
+                         progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"onnxcompress: analyze interrupted; finished measurements are kept in {cache}: rerun the same "
+              f"command to resume", file=sys.stderr)
+        return 130
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(json.dumps(res, indent=1) + "\n", out / "analyze.json")
     write_text_atomic(an.to_csv(res), out / "analyze.csv")

@@ -181,7 +181,8 @@ def _calibration_reader_factory(dataset, model: onnx.ModelProto, shapes: dict):
     dtypes = {vi.name: onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
               for vi in model.graph.input if vi.name in shapes}
     fixed = _fixed_batch(model, names[0])
-    return lambda: CalibrationReader(dataset, names, batch_size=fixed or 1, fixed_batch=fixed is not None,
+    # dynamic batch: 8 samples per ORT call (min/max over a batch equals min/max over its samples)
+    return lambda: CalibrationReader(dataset, names, batch_size=fixed or 8, fixed_batch=fixed is not None,
                                      input_dtypes=dtypes)
 
 

@@ -65,8 +65,8 @@ class Recipe:
     cp_epc: bool | None = None           # None = on when the recipe quantizes to INT8
     cp_balance: str = "sqrt_size"        # sqrt_size | equal | none
     cp_equalize: str | None = None       # none | data-free | data; None = data with calibration data, else data-free
-    cp_fallback: str = "tucker2"         # κ > cp_kappa_max under INT8: keep-float | int16 | tucker2 | none
-    cp_kappa_max: float = 3.0
+    cp_fallback: str = "keep-float"      # κ > cp_kappa_max under INT8: keep-float | int16 | tucker2 | none
+    cp_kappa_max: float = 2.5            # measured: benchmarks/cp_int8_evidence.py
     max_memory_mb: int = 4096            # refuse a layer decomposition whose working set would exceed this
 
     # ------------------------------------------------------------------ validation

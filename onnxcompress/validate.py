@@ -190,8 +190,11 @@ def validate(original, optimized, data, providers: Sequence[str] = ("cpu",), lab
         except Exception as e:  # noqa: BLE001 - e.g. CUDA EP present but no device: report, keep going
             pv.skipped = f"cannot create a session: {(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}"
             continue
-        if prov != "cpu" and _fell_back(a, prov):
-            pv.note = ((pv.note + "; ") if pv.note else "") + "the session fell back to CPUExecutionProvider"
+        if _fell_back(a, prov) or _fell_back(b, prov):
+            pv.skipped = (f"the {prov} session fell back to CPUExecutionProvider (its provider library did not "
+                          f"load: CUDA/cuDNN libraries missing?)")
+            pv.note = None
+            continue
         acc = FidelityAccumulator()
         for inputs, lab in batches_for(ds, m0, name, batch_size):
             feeds = feeds_for(inputs, ins0)
@@ -218,9 +221,6 @@ def _serialize(m: onnx.ModelProto):
 
 
 def _fell_back(session, provider: str) -> bool:
-    from .evaluate import PROVIDERS
+    from .bench import fell_back
 
-    try:
-        return PROVIDERS[provider] not in session.get_providers()
-    except Exception:  # noqa: BLE001
-        return False
+    return fell_back(session, provider)

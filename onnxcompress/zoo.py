@@ -144,7 +144,11 @@ def _default_state_dict(name: str):
         raise ZooError(msg)
     try:
         with _socket_timeout(_DOWNLOAD_TIMEOUT_S):  # a dead network must fail, not hang
-            return torch.hub.load_state_dict_from_url(enum.url, map_location="cpu", progress=False)
+            import contextlib
+            import io
+
+            with contextlib.redirect_stdout(io.StringIO()):  # torch hub prints "Downloading: ..." regardless
+                return torch.hub.load_state_dict_from_url(enum.url, map_location="cpu", progress=False)
     except ZooError:
         raise
     except Exception:  # noqa: BLE001 - URLError, timeouts, HTTP errors, a truncated file...

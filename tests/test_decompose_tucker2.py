@@ -49,7 +49,7 @@ def test_exact_on_low_rank_kernel():
     UT = np.linalg.qr(rng.standard_normal((16, 5)))[0]
     US = np.linalg.qr(rng.standard_normal((12, 4)))[0]
     K = np.einsum("abhw,ta,sb->tshw", G, UT, US)
-    assert tucker2(K, 4, 5).rel_error < 1e-10
+    assert tucker2(K, 4, 5).rel_error < 1e-6  # subspaces are found with float32 GEMMs
 
 
 @pytest.mark.parametrize("T,S", [(64, 64), (128, 64), (256, 256), (512, 512)])

@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from conftest import conv_model, rel_err, run_ort
+from conftest import conv_model, run_ort
 from onnxcompress import Recipe, optimize
 from onnxcompress.graph import ConvInfo
-from onnxcompress.latency_guard import (ConvSpec, LatencyGuard, align_rank, align_ranks, guard_enabled,
+from onnxcompress.latency_guard import (LatencyGuard, align_rank, align_ranks, guard_enabled,
                                         layer_model, original_spec, tucker2_chain)
 from onnxcompress.passes.tucker2 import Tucker2Pass
 

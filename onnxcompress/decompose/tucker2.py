@@ -50,7 +50,7 @@ def _top_eigvecs(gram: np.ndarray, r: int) -> np.ndarray:
     return v[:, ::-1][:, :r]
 
 
-def tucker2(kernel: np.ndarray, r3: int, r4: int, *, n_iter_max: int = 10, tol: float = 1e-5) -> Tucker2Result:
+def tucker2(kernel: np.ndarray, r3: int, r4: int, *, n_iter_max: int = 5, tol: float = 1e-5) -> Tucker2Result:
     """Tucker2 by HOOI. `r3` ranks the input channels (S), `r4` the output channels (T)."""
     with _blas_one_thread():
         return _tucker2(kernel, r3, r4, n_iter_max, tol)
@@ -62,21 +62,27 @@ def _tucker2(kernel, r3, r4, n_iter_max, tol) -> Tucker2Result:
     if not (1 <= r3 <= S and 1 <= r4 <= T):
         raise ValueError(f"ranks (r3={r3}, r4={r4}) out of range for kernel {K.shape}")
     Kr = K.reshape(T, S, -1)                     # (T, S, k)
+    k = Kr.shape[2]
     norm2 = float(np.sum(K * K))
-    # HOSVD init
-    U_T = _top_eigvecs(np.einsum("tsk,usk->tu", Kr, Kr, optimize=True), r4)
-    U_S = _top_eigvecs(np.einsum("tsk,tuk->su", Kr, Kr, optimize=True), r3)
+    # The iterations only choose subspaces: float32 GEMMs (2x faster), float64 eigh; the final core and
+    # error are computed in float64 from the chosen factors.
+    X_T = Kr.reshape(T, S * k).astype(np.float32)                      # unfold0
+    X_S = np.ascontiguousarray(Kr.transpose(1, 0, 2)).reshape(S, T * k).astype(np.float32)   # unfold1
+    U_T = _top_eigvecs((X_T @ X_T.T).astype(np.float64), r4)           # HOSVD init
+    U_S = _top_eigvecs((X_S @ X_S.T).astype(np.float64), r3)
     err_prev, it = np.inf, 0
     full = r3 == S and r4 == T
     for it in range(1, n_iter_max + 1):
         if full:
             break
-        M = np.einsum("tsk,sb->tbk", Kr, U_S, optimize=True)          # (T, R3, k)
-        U_T = _top_eigvecs(np.einsum("tbk,ubk->tu", M, M, optimize=True), r4)
-        N = np.einsum("tsk,ta->ask", Kr, U_T, optimize=True)          # (R4, S, k)
-        U_S = _top_eigvecs(np.einsum("ask,auk->su", N, N, optimize=True), r3)
-        G = np.einsum("ask,sb->abk", N, U_S, optimize=True)
-        err = np.sqrt(max(norm2 - float(np.sum(G * G)), 0.0) / norm2) if norm2 > 0 else 0.0
+        # U_T ← top-r4 left singular vectors of unfold0(K ×₂ U_Sᵀ)
+        M = (X_S.reshape(S, T, k).transpose(1, 2, 0).reshape(T * k, S) @ U_S.astype(np.float32)).reshape(T, k * r3)
+        U_T = _top_eigvecs((M @ M.T).astype(np.float64), r4)
+        # U_S ← top-r3 left singular vectors of unfold1(K ×₁ U_Tᵀ)
+        N = (U_T.T.astype(np.float32) @ X_T).reshape(r4, S, k).transpose(1, 0, 2).reshape(S, r4 * k)
+        U_S = _top_eigvecs((N @ N.T).astype(np.float64), r3)
+        G = U_S.T.astype(np.float32) @ N                                # (r3, r4·k)
+        err = np.sqrt(max(norm2 - float(np.sum(G.astype(np.float64) ** 2)), 0.0) / norm2) if norm2 > 0 else 0.0
         if abs(err_prev - err) < tol:
             break
         err_prev = err

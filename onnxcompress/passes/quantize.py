@@ -82,11 +82,14 @@ class QuantizeInt8(Pass):
             onnx.save_model(model, src, save_as_external_data=big)
             if progress:
                 progress("INT8: ORT quantization pre-processing")
+            # ONNX shape inference is enough for CNN graphs, and ORT's symbolic shape inference costs 4x the
+            # time and 2x the memory (ResNet-50 here: 6.6 s / 604 MB vs 24.9 s / 1203 MB): use it only as a
+            # fallback
             try:
-                quant_pre_process(str(src), str(pre), skip_symbolic_shape=False, save_as_external_data=big)
-            except Exception as e:  # symbolic shape inference fails on some graphs; retry without it
-                log.info("quant_pre_process with symbolic shapes failed (%s); retrying without", e)
                 quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, save_as_external_data=big)
+            except Exception as e:
+                log.info("quant_pre_process without symbolic shapes failed (%s); retrying with them", e)
+                quant_pre_process(str(src), str(pre), skip_symbolic_shape=False, save_as_external_data=big)
             excluded = _matching_nodes(onnx.load(str(pre), load_external_data=False), self.exclude_globs)
             if progress:
                 progress(f"INT8: calibrating ({self.calibration_label})")

@@ -50,7 +50,7 @@ class Tucker2Pass(Pass):
     name = "Tucker2"
 
     def __init__(self, ranks: RankPolicy, input_shapes: dict[str, tuple[int, ...]] | None = None,
-                 n_iter_max: int = 10, layer_filter: Callable[[ConvInfo], str | None] | None = None,
+                 n_iter_max: int = 5, layer_filter: Callable[[ConvInfo], str | None] | None = None,
                  max_memory_mb: int | None = None):
         self.ranks = ranks
         self.input_shapes = input_shapes
