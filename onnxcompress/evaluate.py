@@ -31,7 +31,9 @@ def provider_status(provider: str) -> str | None:
 
 
 def make_session(model: onnx.ModelProto | str, provider: str = "cpu", threads: int | None = None,
-                 optimize: bool = True):
+                 optimize: bool = True, lean: bool = False):
+    """An ORT session. `lean`: for one-off checks (verification, fidelity), not timing: no weight
+    pre-packing and no memory arena, which keeps peak memory near one copy of the weights."""
     import onnxruntime as ort
 
     why = provider_status(provider)
@@ -44,6 +46,10 @@ def make_session(model: onnx.ModelProto | str, provider: str = "cpu", threads: i
         so.inter_op_num_threads = 1
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if lean:
+        so.enable_cpu_mem_arena = False
+        so.enable_mem_pattern = False
+        so.add_session_config_entry("session.disable_prepacking", "1")
     data = model if isinstance(model, str) else model.SerializeToString()
     providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
     return ort.InferenceSession(data, so, providers=providers)

@@ -75,7 +75,7 @@ class PassManager:
 
     def _outputs(self, model, feeds, what: str, pass_name: str = "load"):
         try:
-            sess = make_session(model, "cpu")
+            sess = make_session(model, "cpu", lean=True)
             return sess.run(None, feeds)
         except Exception as e:
             if pass_name == "load":
@@ -209,10 +209,11 @@ def optimize(model: str | Path | onnx.ModelProto, recipe: Recipe | None = None, 
     convs = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
     if recipe.method != "none" and not convs:
         raise UserError("model has no Conv, Gemm or MatMul node to compress")
-    if recipe.method == "svd":
-        raise UserError(f"--method {recipe.method} is not available yet in this version")
-    if recipe.data_aware:
-        raise UserError("--data-aware is not available yet in this version")
+    from .svd_glue import data_aware_context, merge_layer_records, summary, svd_passes, tucker2_factorizer
+    da_ctx, da_warn = data_aware_context(recipe, model, shapes, calibration, lambda src: _open(
+        src, shapes, model, recipe, recipe.calibration_samples), progress)   # None without --data-aware
+    report.warnings += da_warn
+    da_t2 = tucker2_factorizer(da_ctx) if recipe.method == "tucker2" else None
     q = has_quantized_ops(model)
     if q and recipe.quantize != "none":
         raise UserError(f"model is already quantized (contains {', '.join(q)}): refusing to re-quantize; "
@@ -232,13 +233,15 @@ def optimize(model: str | Path | onnx.ModelProto, recipe: Recipe | None = None, 
         policy = aligned_for_recipe(recipe, planner)
         guard = guard_for_recipe(recipe, tucker2_chain)
         passes.append(Tucker2Pass(guard.wrap(policy) if guard else policy, shapes,
-                                  max_memory_mb=recipe.max_memory_mb))
+                                  max_memory_mb=recipe.max_memory_mb, factorizer=da_t2))
     cp_pass = None
     if recipe.method in ("cp4", "cp3"):
         from .cp_glue import build_cp_pass
 
         cp_pass = build_cp_pass(recipe, shapes)
         passes.append(cp_pass)
+    if recipe.method in ("svd", "tucker2"):   # SVD of 1x1 convs (+ Gemm/MatMul), then the data-aware refit
+        passes += svd_passes(recipe, shapes, da_ctx)
     calib_ds = None
     if recipe.quantize == "int8":
         src = calibration if calibration is not None else (recipe.calibration or "random")
@@ -271,6 +274,7 @@ def optimize(model: str | Path | onnx.ModelProto, recipe: Recipe | None = None, 
     if guard is not None:
         guard.annotate(dec_layers)
         report.latency = {"guard": guard.summary()}
+    dec_layers = merge_layer_records(dec_layers)
     report.layers = [l.to_dict() for l in dec_layers]
     if recipe.method != "none":
         from .graph import nested_compute_nodes
@@ -289,6 +293,8 @@ def optimize(model: str | Path | onnx.ModelProto, recipe: Recipe | None = None, 
         "decomposed_params_after": sum(l.params_after for l in done),
         "input_shapes": {k: list(v) for k, v in shapes.items()},
     }
+    if da_ctx is not None:
+        report.model["data_aware"] = summary(da_ctx, da_t2)
     if done:
         report.model["decomposed_ratio"] = report.model["decomposed_params_before"] / max(
             report.model["decomposed_params_after"], 1)
