@@ -191,6 +191,69 @@ def suffix_model(model: onnx.ModelProto, layer: str, boundary: dict[str, np.ndar
     return m
 
 
+def code_fingerprint() -> str:
+    """Versions and source of the code that produces a measurement: a change to the factorization, the
+    pass, the quantization or this module invalidates cached results (and cached factors)."""
+    import onnxruntime
+
+    from . import __version__
+    here = Path(__file__).resolve().parent
+    parts = [__version__.encode(), onnxruntime.__version__.encode(), onnx.__version__.encode()]
+    for f in ("analyze.py", "decompose/tucker2.py", "passes/tucker2.py", "passes/fold_bn.py", "evaluate.py"):
+        try:
+            parts.append((here / f).read_bytes())
+        except OSError:
+            pass
+    return _sha256(*parts)[:16]
+
+
+class _FactorCache:
+    """Memoizes decompose.tucker2.tucker2 on disk (`root/factors`): the global curve and later runs reuse
+    the factors of the one-layer tasks (same kernel, ranks and iterations give the same factors)."""
+
+    def __init__(self, root: str | None, code: str):
+        self.root = Path(root) / "factors" if root else None
+        self.code = code
+
+    def __call__(self, kernel, r3, r4, *, n_iter_max=5, **kw):
+        from .decompose.tucker2 import Tucker2Result, tucker2
+
+        if self.root is None:
+            return tucker2(kernel, r3, r4, n_iter_max=n_iter_max, **kw)
+        k = np.ascontiguousarray(kernel)
+        key = _sha256(k.tobytes(), str((k.shape, str(k.dtype), r3, r4, n_iter_max, sorted(kw.items()),
+                                        self.code)).encode())
+        p = self.root / f"{key}.npz"
+        try:
+            with np.load(p) as z:
+                return Tucker2Result(core=z["core"], U_T=z["U_T"], U_S=z["U_S"], rel_error=float(z["rel_error"]),
+                                     n_iter=int(z["n_iter"]))
+        except (OSError, ValueError, KeyError):
+            pass
+        res = tucker2(kernel, r3, r4, n_iter_max=n_iter_max, **kw)
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, core=res.core, U_T=res.U_T, U_S=res.U_S, rel_error=res.rel_error, n_iter=res.n_iter)
+        os.replace(tmp, p)
+        return res
+
+
+class _memoized_factors:
+    """Within a task, route the Tucker2 pass's factorization through the factor cache (worker-local)."""
+
+    def __init__(self, cache: _FactorCache):
+        self.cache = cache
+
+    def __enter__(self):
+        from .passes import tucker2 as tp
+        self.saved = tp.tucker2
+        tp.tucker2 = self.cache
+
+    def __exit__(self, *exc):
+        from .passes import tucker2 as tp
+        tp.tucker2 = self.saved
+
+
 # ------------------------------------------------------------------------------------------ worker side
 class _Context:
     """What a worker needs, built once per process from the pickled payload."""
@@ -208,6 +271,7 @@ class _Context:
         self.input_name = next(iter(self.shapes))
         self.suffix: dict[str, list[str]] = payload.get("suffix") or {}   # layer -> boundary tensors
         self.act_dir = payload.get("act_dir")
+        self.factors = _FactorCache(payload.get("factor_root"), payload.get("code", ""))
         self._acts: dict[str, np.ndarray] = {}
         self._suffix_models: dict[str, onnx.ModelProto] = {}
 
@@ -330,7 +394,8 @@ def run_task(ctx: _Context, task: dict) -> dict:
             bnames = ctx.suffix[task["layer"]]
             shapes = {t: tuple(ctx.activation(t)[0].shape) for t in bnames}
             feeds = [{t: np.asarray(ctx.activation(t)[i]) for t in bnames} for i in range(len(ctx.xs))]
-        res = Tucker2Pass(policy, shapes).run(model)
+        with _memoized_factors(ctx.factors):
+            res = Tucker2Pass(policy, shapes).run(model)
         done = [l for l in res.layers if l.skipped is None]
         if not done:
             return {"skipped": "no layer rewritten", "seconds": time.perf_counter() - t0}
@@ -625,7 +690,8 @@ def analyze(model, data, *, grid: Sequence[float] = DEFAULT_GRID, method: str = 
     # tasks
     from .decompose import allocate as al
 
-    common = {"v": ANALYZE_FORMAT, "model": model_sha, "data": data_fp, "samples": n_samples, "method": method}
+    code = code_fingerprint()
+    common = {"v": ANALYZE_FORMAT, "code": code, "model": model_sha, "data": data_fp, "samples": n_samples, "method": method}
     tasks: list[dict] = []
 
     def add(kind, scope, layer, ratio, ranks):
@@ -690,7 +756,8 @@ def analyze(model, data, *, grid: Sequence[float] = DEFAULT_GRID, method: str = 
         act_dir = _activations(base, bounds, name, xs, root, model_sha, data_fp, threads)
     payload = pickle.dumps({"key": model_sha + data_fp, "model": base.SerializeToString(), "shapes": shapes,
                             "xs": xs, "ys": ys, "refs": refs, "calib": calib_xs, "fmt": fmt,
-                            "threads": threads, "suffix": bounds, "act_dir": act_dir},
+                            "threads": threads, "suffix": bounds, "act_dir": act_dir, "code": code,
+                            "factor_root": str(root) if executor == "local" else None},
                            protocol=pickle.HIGHEST_PROTOCOL)
     bar.update(len(results), n_cached)
     t_run = time.perf_counter()

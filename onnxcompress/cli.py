@@ -50,7 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     po.add_argument("--sensitivity", help="analyze.json from `onnxcompress analyze` (--allocation sensitivity; "
                     "default: measured on the calibration data)")
     po.add_argument("--sensitivity-metric", help="predicted degradation: auto|top1|noise|accuracy")
-    po.add_argument("--data-aware", action="store_const", const=True, default=None)
+    po.add_argument("--data-aware", action="store_const", const=True, default=None,
+                    help="fit the factorizations to the calibration data's input statistics (tucker2|svd)")
+    po.add_argument("--data-aware-method", help="Σ-Tucker2 solver for k×k convs: als (default) | kron")
+    po.add_argument("--no-refit", dest="data_aware_refit", action="store_const", const=False, default=None,
+                    help="--data-aware: skip the least-squares refit of each chain's last factor")
+    po.add_argument("--svd-gemm", dest="svd_gemm", action="store_const", const=True, default=None,
+                    help="--method tucker2: also SVD Gemm/MatMul weights (1x1 convs always get SVD)")
+    po.add_argument("--svd-skip-last", dest="svd_skip_last", action="store_const", const=True, default=None)
+    po.add_argument("--no-svd-skip-last", dest="svd_skip_last", action="store_const", const=False,
+                    help="also SVD the graph's last Gemm/MatMul (the classifier; left alone by default)")
     po.add_argument("--quantize", help="int8|fp16|none")
     po.add_argument("--int8-activations", help="override the provider's INT8 activation type: uint8|int8")
     po.add_argument("--int8-weights", help="override the INT8 weight type: int8|uint8")
@@ -128,7 +137,8 @@ _RECIPE_FLAGS = ("method", "ratio", "target_macs", "rank", "allocation", "data_a
                  "eval_data", "eval_samples", "labels", "skip_first", "include", "exclude", "verify", "report",
                  "plots", "max_memory_mb", "min_top1_agreement", "max_accuracy_drop", "min_speedup", "latency_guard", "rank_multiple", "seed",
                  "sensitivity", "sensitivity_metric",
-                 "cp_epc", "cp_balance", "cp_equalize", "cp_fallback", "cp_kappa_max")
+                 "cp_epc", "cp_balance", "cp_equalize", "cp_fallback", "cp_kappa_max",
+                 "data_aware_method", "data_aware_refit", "svd_gemm", "svd_skip_last")
 
 
 def cmd_optimize(args) -> int:

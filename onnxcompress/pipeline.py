@@ -192,6 +192,14 @@ def optimize(model: str | Path | onnx.ModelProto, recipe: Recipe | None = None, 
     """Compress `model` by `recipe`. `calibration` / `eval_data` override the recipe's data sources (a path,
     'random', or an already opened dataset). Returns the optimized model and its report; gates that fail
     mark `report.passed = False` (the model is still returned)."""
+    from .decompose._blas import one_blas_thread
+
+    with one_blas_thread():   # the numerics run single-threaded BLAS; ORT keeps its own threads
+        return _optimize(model, recipe, calibration, eval_data, progress)
+
+
+def _optimize(model: str | Path | onnx.ModelProto, recipe: Recipe | None = None, calibration=None,
+             eval_data=None, progress: Progress | None = None) -> Result:
     recipe = (recipe or Recipe()).validate()
     bytes_before = None
     if isinstance(model, (str, Path)):

@@ -68,6 +68,11 @@ class Recipe:
     cp_fallback: str = "keep-float"      # κ > cp_kappa_max under INT8: keep-float | int16 | tucker2 | none
     cp_kappa_max: float = 2.5            # measured: benchmarks/cp_int8_evidence.py
     max_memory_mb: int = 4096            # refuse a layer decomposition whose working set would exceed this
+    # SVD (--method svd; passes/svd.py) and data-aware mode (--data-aware; data_aware.py)
+    svd_gemm: bool = False               # --method tucker2: also SVD Gemm/MatMul weights (1x1 convs always)
+    svd_skip_last: bool = True           # leave the graph's last Gemm/MatMul (the classifier) alone
+    data_aware_method: str = "als"       # Σ-Tucker2 for k×k convs: als (Tucker2-ALS-Σ) | kron (Kronecker)
+    data_aware_refit: bool = True        # refit each chain's last factor and bias on the calibration data
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> "Recipe":
@@ -98,6 +103,7 @@ class Recipe:
             raise UserError(f"--rank-multiple must be an integer >= 1 (got {self.rank_multiple})")
         if self.min_speedup is not None and self.min_speedup <= 0:
             raise UserError(f"--min-speedup must be > 0 (got {self.min_speedup})")
+        _choice("data_aware_method", self.data_aware_method, ("als", "kron"))
         _choice("cp_balance", self.cp_balance, ("sqrt_size", "equal", "none"))
         if self.cp_equalize is not None:
             _choice("cp_equalize", self.cp_equalize, ("none", "data-free", "data"))

@@ -21,8 +21,10 @@ def test_resnet18_tucker2_int8_valid_and_on_target(r18_result):
     res = r18_result
     onnx.checker.check_model(res.model, full_check=True)
     rep = res.report.to_dict()
-    done = [l for l in rep["layers"] if l["skipped"] is None]
+    done = [l for l in rep["layers"] if l["skipped"] is None and l["method"] == "tucker2"]
     assert len(done) == 16  # every 3x3 conv but the stem
+    # --method tucker2 factorizes the three 1x1 downsample convs by SVD
+    assert len([l for l in rep["layers"] if l["skipped"] is None and l["method"] == "svd"]) == 3
     ratio = sum(l["params_before"] for l in done) / sum(l["params_after"] for l in done)
     assert abs(ratio - 2.0) / 2.0 <= 0.05
     # stem skipped with a reason; 1x1 convs recorded as not for Tucker2
@@ -30,7 +32,7 @@ def test_resnet18_tucker2_int8_valid_and_on_target(r18_result):
     assert stem["skipped"]
     # passes verified
     names = [p["name"] for p in rep["passes"]]
-    assert names == ["FoldBatchNorm", "Tucker2", "QuantizeInt8"]
+    assert names == ["FoldBatchNorm", "Tucker2", "SVD", "QuantizeInt8"]
     assert all(p["verified"].get("ort_runs") for p in rep["passes"] if p["modified"])
     for k in ("params_before", "params_after", "macs_before", "macs_after", "bytes_before", "bytes_after"):
         assert rep["model"][k] > 0
@@ -44,7 +46,7 @@ def test_resnet18_qdq_around_every_conv(r18_result):
     m = r18_result.model
     producers = {o: n for n in m.graph.node for o in n.output}
     convs = [n for n in m.graph.node if n.op_type == "Conv"]
-    assert len(convs) == 16 * 3 + 1 + 3  # chains + stem + downsample 1x1s
+    assert len(convs) == 16 * 3 + 1 + 3 * 2  # chains + stem + downsample 1x1s (SVD: two 1x1 each)
     for c in convs:
         for i in c.input[:2]:
             assert producers[i].op_type == "DequantizeLinear", (c.name, i)

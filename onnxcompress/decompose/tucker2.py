@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._blas import one_blas_thread
+
 
 @dataclass
 class Tucker2Result:
@@ -27,22 +29,6 @@ class Tucker2Result:
         return np.einsum("ab...,ta,sb->ts...", self.core, self.U_T, self.U_S, optimize=True)
 
 
-def _blas_one_thread():
-    """OpenBLAS threads make these mid-size eigh/GEMM calls 10-40x *slower* as soon as another process
-    competes for the cores (measured on 2 busy cores: 128x128 eigh 6 ms with 1 thread vs 240 ms with 2;
-    256x256x3x3 Tucker2 0.4 s vs 6 s). Limit BLAS to one thread where threadpoolctl is present."""
-    global _CONTROLLER
-    try:
-        if _CONTROLLER is None:
-            from threadpoolctl import ThreadpoolController
-            _CONTROLLER = ThreadpoolController()
-        return _CONTROLLER.limit(limits=1, user_api="blas")
-    except Exception:
-        import contextlib
-        return contextlib.nullcontext()
-
-
-_CONTROLLER = None
 
 
 def _subspace_step(gram: np.ndarray, U: np.ndarray) -> np.ndarray:
@@ -60,7 +46,7 @@ def _top_eigvecs(gram: np.ndarray, r: int) -> np.ndarray:
 
 def tucker2(kernel: np.ndarray, r3: int, r4: int, *, n_iter_max: int = 5, tol: float = 1e-5) -> Tucker2Result:
     """Tucker2 by HOOI. `r3` ranks the input channels (S), `r4` the output channels (T)."""
-    with _blas_one_thread():
+    with one_blas_thread():
         return _tucker2(kernel, r3, r4, n_iter_max, tol)
 
 

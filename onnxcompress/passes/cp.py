@@ -24,7 +24,8 @@ from onnx import numpy_helper
 
 from ..decompose.cp import (DEFAULT_EPC_ROUNDS, DEFAULT_KERNEL_ITERS, DEFAULT_KERNEL_TOL, chain_weights,
                             cp_als, epc, equalize_chain)
-from ..decompose.tucker2 import _blas_one_thread, tucker2, tucker2_params
+from ..decompose._blas import one_blas_thread
+from ..decompose.tucker2 import tucker2, tucker2_params
 from ..graph import ConvInfo, conv_info, infer_value_shapes
 from ..planning_cp import cp_chain_params, kernel_hw
 from ._gs import export_graph, import_graph
@@ -141,7 +142,7 @@ class CPPass(Pass):
         records: list[LayerRecord] = []
         chains: dict[str, list[str]] = {}      # layer -> intermediate tensor names (CP chains only)
         all_exact = True
-        with _blas_one_thread():
+        with one_blas_thread():
             for node, info in zip(convs, infos):
                 rec = LayerRecord(name=node.name, op="Conv", method=self.variant,
                                   kernel_shape=list(info.weight_shape), params_before=info.params,

@@ -51,8 +51,12 @@ class Tucker2Pass(Pass):
 
     def __init__(self, ranks: RankPolicy, input_shapes: dict[str, tuple[int, ...]] | None = None,
                  n_iter_max: int = 5, layer_filter: Callable[[ConvInfo], str | None] | None = None,
-                 max_memory_mb: int | None = None):
+                 max_memory_mb: int | None = None, factorizer=None):
         self.ranks = ranks
+        # data-aware hook (data_aware.SigmaTucker2): prepare(model, infos) captures statistics for the
+        # layers the plan decomposes; factorizer(info, r3, r4) -> factors (core, U_T, U_S, rel_error,
+        # ranks) or None for plain HOOI
+        self.factorizer = factorizer
         self.input_shapes = input_shapes
         self.n_iter_max = n_iter_max
         self.layer_filter = layer_filter
@@ -65,6 +69,10 @@ class Tucker2Pass(Pass):
         infos = [conv_info(node, idx, shapes) for idx, node in enumerate(convs)]
         if hasattr(self.ranks, "prepare"):   # planners that allocate a global budget see all layers first
             self.ranks.prepare(infos)
+        if self.factorizer is not None and hasattr(self.factorizer, "prepare"):
+            plan = getattr(self.ranks, "plan", None)
+            self.factorizer.prepare(model, [i for i in infos if tucker2_problem(i) is None and (
+                plan is None or not isinstance(plan.get(i.name, ()), str))])
         records, all_full = [], True
         for node, info in zip(convs, infos):
             rec = LayerRecord(name=node.name, op="Conv", method="tucker2", kernel_shape=list(info.weight_shape),
@@ -89,7 +97,11 @@ class Tucker2Pass(Pass):
                                 f"(raise max_memory_mb, or exclude the layer)")
             if progress:
                 progress(f"Tucker2 {node.name} {list(info.weight_shape)} -> ranks ({r3}, {r4})")
-            res = tucker2(info.weight, r3, r4, n_iter_max=self.n_iter_max)
+            res = self.factorizer(info, r3, r4) if self.factorizer is not None else None
+            if res is None:
+                res = tucker2(info.weight, r3, r4, n_iter_max=self.n_iter_max)
+            elif getattr(res, "info", None):
+                rec.extra.update(res.info)
             self._replace(g, node, info, res)
             all_full &= (r3 == info.S and r4 == info.T)
             rec.ranks = [r3, r4]
