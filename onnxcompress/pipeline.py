@@ -230,7 +230,7 @@ def _optimize(model: str | Path | onnx.ModelProto, recipe: Recipe | None = None,
     passes: list[Pass] = []
     if recipe.fold_bn:
         passes.append(FoldBatchNorm())
-    guard = None
+    guard = planner = None
     if recipe.method == "tucker2":
         from .latency_guard import aligned_for_recipe, guard_for_recipe, tucker2_chain
 
@@ -303,6 +303,8 @@ def _optimize(model: str | Path | onnx.ModelProto, recipe: Recipe | None = None,
     }
     if da_ctx is not None:
         report.model["data_aware"] = summary(da_ctx, da_t2)
+    if planner is not None and planner.notes:   # what the global allocation achieved / predicted
+        report.model["allocation_notes"] = list(planner.notes)
     if done:
         report.model["decomposed_ratio"] = report.model["decomposed_params_before"] / max(
             report.model["decomposed_params_after"], 1)

@@ -104,6 +104,8 @@ def render_table(r: Report, max_layers: int = 200) -> str:
         lines.append(f"  decomposed layers  {_n(m['decomposed_params_before'])} -> "
                      f"{_n(m['decomposed_params_after'])} "
                      f"({_ratio(m['decomposed_params_before'], m['decomposed_params_after'])})")
+    for note in m.get("allocation_notes") or []:
+        lines.append(f"  allocation  {note}")
     lines.append(f"MACs    {_n(m.get('macs_before'))} -> {_n(m.get('macs_after'))} "
                  f"({_ratio(m.get('macs_before'), m.get('macs_after'))} fewer)")
     lines.append(f"file    {_n(m.get('bytes_before'))}B -> {_n(m.get('bytes_after'))}B "
