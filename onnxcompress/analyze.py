@@ -36,6 +36,7 @@ import numpy as np
 import onnx
 
 from .errors import UserError
+from .report import json_clean
 
 ANALYZE_FORMAT = 1          # bump when a measurement's meaning changes: it invalidates cached results
 DEFAULT_GRID: tuple[float, ...] = (1.5, 2, 3, 4, 6, 8)
@@ -110,11 +111,11 @@ def _fingerprint(xs, ys) -> str:
 
 def _open(source, model, shapes, preprocess, labels, limit, seed):
     from .data import DataError, open_dataset
-    from .pipeline import _model_input_shape
+    from .graph import open_batch_shape
 
     name = next(iter(shapes))
     try:
-        return open_dataset(str(source), input_shape=_model_input_shape(model, name, shapes[name]), input_name=name,
+        return open_dataset(str(source), input_shape=open_batch_shape(model, name, shapes[name]), input_name=name,
                             preprocess=preprocess, labels=labels, limit=limit, seed=seed)
     except DataError as e:
         raise UserError(str(e)) from e
@@ -613,7 +614,7 @@ def analyze(model, data, *, grid: Sequence[float] = DEFAULT_GRID, method: str = 
     from .modelio import load_model
     from .passes.fold_bn import FoldBatchNorm
     from .passes.quantize import int8_format_for
-    from .pipeline import _fixed_batch
+    from .graph import fixed_batch
 
     t_start = time.perf_counter()
     if method != "tucker2":
@@ -656,9 +657,9 @@ def analyze(model, data, *, grid: Sequence[float] = DEFAULT_GRID, method: str = 
 
     # data, reference outputs (once, cached)
     ds = data if hasattr(data, "batches") else _open(data, model, shapes, preprocess, labels, samples, seed)
-    batch = _fixed_batch(model, name) or 16
+    batch = fixed_batch(model, name) or 16
     xs, ys = _materialize(ds, batch)
-    if _fixed_batch(model, name):
+    if fixed_batch(model, name):
         keep = [i for i, x in enumerate(xs) if len(x) == batch]
         xs, ys = [xs[i] for i in keep], [ys[i] for i in keep]
     data_fp = _fingerprint(xs, ys)
@@ -826,22 +827,10 @@ def analyze(model, data, *, grid: Sequence[float] = DEFAULT_GRID, method: str = 
                   "seconds_per_evaluation": round(run_seconds / evaluated, 4) if evaluated else None,
                   "cache": str(root)},
     }
-    result = _clean(result)
+    result = json_clean(result)
     if out_dir is not None:
         write_outputs(result, out_dir)
     return result
-
-
-def _clean(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, np.generic):
-        return _clean(x.item())
-    return x
 
 
 # ------------------------------------------------------------------------------------------ additivity

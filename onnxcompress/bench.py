@@ -9,7 +9,6 @@ A provider that cannot run here (no onnxruntime-gpu, no GPU) is listed as skippe
 """
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,6 +20,7 @@ import onnx
 
 from .evaluate import ProviderUnavailable, make_session, provider_status
 from .graph import input_shapes
+from .report import json_clean
 
 Clock = Callable[[], float]
 
@@ -59,7 +59,7 @@ class BenchReport:
                    "(start rotates each round); speedup = median(first model) / median(model)")
 
     def to_dict(self) -> dict:
-        return _clean(asdict(self))
+        return json_clean(asdict(self))
 
     def provider(self, name: str) -> ProviderBench | None:
         return next((p for p in self.providers if p.provider == name), None)
@@ -86,16 +86,6 @@ class BenchReport:
                 if j == 0:
                     lines.append("  " + "  ".join("-" * w for w in widths))
         return "\n".join(lines)
-
-
-def _clean(x):
-    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
-        return None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    return x
 
 
 # ------------------------------------------------------------------------------------------ timing core

@@ -5,7 +5,7 @@ import argparse
 import json
 import logging
 import os
-import signal
+
 import sys
 import traceback
 

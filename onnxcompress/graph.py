@@ -325,5 +325,20 @@ def has_quantized_ops(model: onnx.ModelProto) -> list[str]:
     return sorted({n.op_type for n in model.graph.node if n.op_type in QUANT_OPS})
 
 
+def fixed_batch(model: onnx.ModelProto, name: str) -> int | None:
+    """The model's batch size for input `name` when its batch dim is static, else None."""
+    for vi in model.graph.input:
+        if vi.name == name and vi.type.tensor_type.shape.dim:
+            d0 = vi.type.tensor_type.shape.dim[0]
+            if d0.HasField("dim_value") and d0.dim_value > 0:
+                return int(d0.dim_value)
+    return None
+
+
+def open_batch_shape(model: onnx.ModelProto, name: str, concrete: tuple[int, ...]) -> tuple:
+    """`concrete` with its batch dim left open (None) when the model's batch dim is dynamic."""
+    return tuple(concrete) if fixed_batch(model, name) else (None,) + tuple(concrete[1:])
+
+
 def tensor_to_numpy(t: onnx.TensorProto) -> np.ndarray:
     return numpy_helper.to_array(t)

@@ -13,7 +13,7 @@ import onnx
 from . import __version__
 from .errors import UserError, VerificationError
 from .evaluate import Fidelity, fidelity, make_session, random_feeds, rel_error
-from .graph import (has_quantized_ops, input_shapes, model_bytes, model_macs, model_params)
+from .graph import (fixed_batch, has_quantized_ops, open_batch_shape, input_shapes, model_bytes, model_macs, model_params)
 from .modelio import load_model
 from .passes.base import Pass, PassResult
 from .passes.fold_bn import FoldBatchNorm
@@ -134,7 +134,7 @@ def _open(source, shapes, model, recipe: Recipe, limit: int | None):
     if isinstance(source, str) and source.strip().lower() == "random":
         return RandomInputs(model, shapes, n=limit or 16, seed=recipe.seed)
     name = next(iter(shapes))
-    shape = _model_input_shape(model, name, shapes[name])
+    shape = open_batch_shape(model, name, shapes[name])
     try:
         return open_dataset(str(source), input_shape=shape if len(shape) == 4 else None,
                             input_name=name, preprocess=recipe.preprocess,
@@ -143,30 +143,9 @@ def _open(source, shapes, model, recipe: Recipe, limit: int | None):
         raise UserError(str(e)) from e
 
 
-def _model_input_shape(model: onnx.ModelProto, name: str, concrete: tuple[int, ...]) -> tuple:
-    """The input shape with its batch dim left open when the model's batch dim is dynamic."""
-    for vi in model.graph.input:
-        if vi.name == name:
-            d0 = vi.type.tensor_type.shape.dim[0] if vi.type.tensor_type.shape.dim else None
-            if d0 is not None and d0.HasField("dim_value") and d0.dim_value > 0:
-                return tuple(concrete)
-            return (None,) + tuple(concrete[1:])
-    return tuple(concrete)
-
-
-def _fixed_batch(model: onnx.ModelProto, name: str) -> int | None:
-    """The model's batch size when its batch dim is static, else None."""
-    for vi in model.graph.input:
-        if vi.name == name and vi.type.tensor_type.shape.dim:
-            d0 = vi.type.tensor_type.shape.dim[0]
-            if d0.HasField("dim_value") and d0.dim_value > 0:
-                return int(d0.dim_value)
-    return None
-
-
 def _batches(ds, model: onnx.ModelProto, name: str):
     """Batches for ORT: of the model's static batch size (a short last batch is dropped), else of 16."""
-    fixed = _fixed_batch(model, name)
+    fixed = fixed_batch(model, name)
     for inputs, labels in ds.batches(fixed or 16):
         n = len(next(iter(inputs.values())) if isinstance(inputs, dict) else inputs)
         if fixed and n != fixed:
@@ -180,7 +159,7 @@ def _calibration_reader_factory(dataset, model: onnx.ModelProto, shapes: dict):
     names = list(shapes)
     dtypes = {vi.name: onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
               for vi in model.graph.input if vi.name in shapes}
-    fixed = _fixed_batch(model, names[0])
+    fixed = fixed_batch(model, names[0])
     # dynamic batch: 8 samples per ORT call (min/max over a batch equals min/max over its samples)
     return lambda: CalibrationReader(dataset, names, batch_size=fixed or 8, fixed_batch=fixed is not None,
                                      input_dtypes=dtypes)

@@ -32,11 +32,12 @@ def data_aware_context(recipe: Recipe, model, shapes: dict, calibration, open_da
         warnings.append("--data-aware statistics come from random inputs (not real data): the factorization "
                         "is fitted to noise; pass --calibration DIR|FILE")
     from .evaluate import feeds_for
-    from .pipeline import _batches, _fixed_batch
+    from .graph import fixed_batch
+    from .pipeline import _batches
 
     names = list(shapes)
     first = names[0]
-    bs = _fixed_batch(model, first) or 16
+    bs = fixed_batch(model, first) or 16
     ctx = DataAware(feeds=lambda: (feeds_for(x, names) for x, _ in _batches(ds, model, first)), shapes=shapes,
                     method=recipe.data_aware_method, n_samples=len(ds), batch_size=bs, seed=recipe.seed,
                     progress=progress)

@@ -7,7 +7,6 @@ with its reason — never dropped silently.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +17,8 @@ from .errors import UserError
 from .evaluate import FidelityAccumulator, ProviderUnavailable, feeds_for, make_session, provider_status
 from .graph import has_quantized_ops, input_shapes
 from .modelio import load_model
+from .graph import fixed_batch, open_batch_shape
+from .report import json_clean
 
 CUDA_INT8_NOTE = ("INT8 QDQ on the CUDA EP runs as simulated quantization (QuantizeLinear/DequantizeLinear "
                   "around float kernels): this is an accuracy check there, not a speed claim; the TensorRT EP "
@@ -52,7 +53,7 @@ class ValidationReport:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return _clean(asdict(self))
+        return json_clean(asdict(self))
 
     def provider(self, name: str) -> ProviderValidation | None:
         return next((p for p in self.providers if p.provider == name), None)
@@ -95,32 +96,7 @@ def _f(x, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
 
-def _clean(x):
-    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
-        return None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    return x
-
-
 # ------------------------------------------------------------------------------------------ data
-def _model_input_shape(model: onnx.ModelProto, name: str, concrete: tuple[int, ...]) -> tuple:
-    """The input shape with the batch dim left open when the model's batch dim is dynamic."""
-    fixed = fixed_batch(model, name)
-    return tuple(concrete) if fixed else (None,) + tuple(concrete[1:])
-
-
-def fixed_batch(model: onnx.ModelProto, name: str) -> int | None:
-    for vi in model.graph.input:
-        if vi.name == name and vi.type.tensor_type.shape.dim:
-            d0 = vi.type.tensor_type.shape.dim[0]
-            if d0.HasField("dim_value") and d0.dim_value > 0:
-                return int(d0.dim_value)
-    return None
-
-
 def open_data(source, model: onnx.ModelProto, input_shape: dict[str, Sequence[int]] | None = None,
               labels=None, preprocess=None, samples: int | None = None, seed: int = 0):
     """`source` (a path, 'random', or an opened Dataset) as a Dataset shaped for `model`'s first input."""
@@ -133,7 +109,7 @@ def open_data(source, model: onnx.ModelProto, input_shape: dict[str, Sequence[in
         raise UserError("model has no inputs")
     name = next(iter(shapes))
     try:
-        return open_dataset(str(source), input_shape=_model_input_shape(model, name, shapes[name]),
+        return open_dataset(str(source), input_shape=open_batch_shape(model, name, shapes[name]),
                             input_name=name, preprocess=preprocess, labels=labels, limit=samples, seed=seed)
     except DataError as e:
         raise UserError(str(e)) from e
