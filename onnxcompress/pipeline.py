@@ -46,7 +46,9 @@ class PassManager:
     themselves lossless — its outputs equal the previous model's within `rtol`."""
 
     def __init__(self, passes: list[Pass], shapes: dict[str, tuple[int, ...]], verify: bool = True,
-                 rtol: float = LOSSLESS_RTOL, progress: Progress | None = None, seed: int = 0):
+                 rtol: float = LOSSLESS_RTOL, progress: Progress | None = None, seed: int = 0,
+                 keep_models: bool = True):
+        self.keep_models = keep_models   # False: drop each intermediate model once the next pass has run
         self.passes = passes
         self.shapes = shapes
         self.verify = verify
@@ -71,12 +73,18 @@ class PassManager:
                                       lossless=res.lossless, verified=ver))
             results.append(res)
             model = res.model
+            if not self.keep_models and len(results) >= 2 and results[-2].model is not model:
+                results[-2].model = None
+            release_memory()
         return model, records, results
 
     def _outputs(self, model, feeds, what: str, pass_name: str = "load"):
         try:
             sess = make_session(model, "cpu", lean=True)
-            return sess.run(None, feeds)
+            out = sess.run(None, feeds)
+            del sess
+            release_memory()
+            return out
         except Exception as e:
             if pass_name == "load":
                 raise UserError(f"ONNX Runtime cannot run the input model: {_line(e)}") from e
@@ -108,6 +116,19 @@ class PassManager:
                     f"rewritten layers: {where}", layer)
         ver["seconds"] = round(time.perf_counter() - t0, 4)
         return ver, out
+
+
+def release_memory() -> None:
+    """Give freed heap back to the OS after dropping a large object (an ORT session, a model copy): glibc
+    keeps it otherwise, and peak RSS then grows with every pass."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _check(model: onnx.ModelProto) -> None:
@@ -250,7 +271,8 @@ def _optimize(model: str | Path | onnx.ModelProto, recipe: Recipe | None = None,
         report.warnings += wire_cp_pass(cp_pass, recipe, calib_ds, passes, model, shapes, calibration,
                                         lambda src: _open(src, shapes, model, recipe, recipe.calibration_samples))
 
-    pm = PassManager(passes, shapes, verify=recipe.verify, progress=progress, seed=recipe.seed)
+    pm = PassManager(passes, shapes, verify=recipe.verify, progress=progress, seed=recipe.seed,
+                     keep_models=recipe.min_speedup is not None)   # the speedup gate times every stage
     out, records, results = pm.run(model)
     report.passes = records
     for res in results:
