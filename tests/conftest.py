@@ -8,6 +8,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from hypothesis import settings as _hyp_settings
+
+# CI runs with CI=true: property tests use a fixed example sequence there, so a landing is reproducible
+# (locally they keep exploring new examples).
+_hyp_settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    _hyp_settings.load_profile("ci")
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17
