@@ -20,6 +20,15 @@ from onnx import TensorProto, helper, numpy_helper
 OPSET = 17
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _single_thread_blas():
+    """The numerics run with one BLAS thread, as `optimize` runs them (OpenBLAS threads thrash on busy cores)."""
+    from onnxcompress.decompose._blas import one_blas_thread
+
+    with one_blas_thread():
+        yield
+
+
 def conv_model(T=8, S=6, kernel=(3, 3), strides=None, pads=None, dilations=None, auto_pad=None, bias=True,
                group=1, hw=(9, 11), batch=2, seed=0, weight_as_constant_node=False, bn=False,
                dynamic_batch=False, opset=OPSET) -> onnx.ModelProto:

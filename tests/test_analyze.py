@@ -18,21 +18,11 @@ GRID = [2, 4]
 SAMPLES = 16
 
 
-@pytest.fixture(autouse=True)
-def _one_blas_thread():
-    from threadpoolctl import threadpool_limits
-    with threadpool_limits(1, "blas"):
-        yield
-
-
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
     """One full TD sweep (all 6 decomposable layers x GRID + the global curve), written to disk."""
-    from threadpoolctl import threadpool_limits
-
     out = tmp_path_factory.mktemp("analyze")
-    with threadpool_limits(1, "blas"):
-        res = analyze(MODEL, CALIB, grid=GRID, samples=SAMPLES, out_dir=out, progress=False)
+    res = analyze(MODEL, CALIB, grid=GRID, samples=SAMPLES, out_dir=out, progress=False)
     return out, res
 
 

@@ -21,17 +21,6 @@ from onnxcompress.recipe import LayerOverride, Recipe
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_blas_thread():
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    with threadpool_limits(1):
-        yield
-
-
 def _lowrank_model(T=12, S=10, R=5, kernel=(3, 3), hw=(9, 11), seed=0, **kw):
     m = conv_model(T=T, S=S, kernel=kernel, hw=hw, batch=2, **kw)
     rng = np.random.default_rng(seed)

@@ -26,18 +26,6 @@ from onnxcompress.decompose.cp import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_blas_thread():
-    """Multi-threaded BLAS on a loaded shared box was measured to be many times slower."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    with threadpool_limits(1):
-        yield
-
-
 # ------------------------------------------------------------------------------------------ data
 
 

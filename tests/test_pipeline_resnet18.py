@@ -1,7 +1,6 @@
 """End to end: torchvision ResNet-18 (random weights) → Tucker2 2× + INT8 through the Python API and CLI."""
 import json
 
-import numpy as np
 import onnx
 import pytest
 

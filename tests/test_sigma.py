@@ -17,20 +17,6 @@ from onnxcompress.decompose.sigma import (
 )
 from onnxcompress.decompose.stats import ConvInputStats, conv_output_shape, im2col
 
-try:
-    from threadpoolctl import threadpool_limits
-except ImportError:  # pragma: no cover
-    threadpool_limits = None
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread_blas():
-    if threadpool_limits is None:
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
-
 
 # --------------------------------------------------------------------------- helpers
 

@@ -10,20 +10,6 @@ from scipy.signal import correlate
 
 from onnxcompress.decompose.stats import ConvInputStats, SecondMoment, conv_output_shape, im2col
 
-try:
-    from threadpoolctl import threadpool_limits
-except ImportError:  # pragma: no cover
-    threadpool_limits = None
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread_blas():
-    if threadpool_limits is None:
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
-
 
 def direct_conv(x, K, strides, pads, dilations):
     """Reference ONNX Conv (group=1, no bias) by explicit loops over kernel taps."""

@@ -18,20 +18,6 @@ from onnxcompress.decompose.svd import (
     whitened_svd,
 )
 
-try:  # small BLAS calls thrash when the 2 shared cores are oversubscribed
-    from threadpoolctl import threadpool_limits
-except ImportError:  # pragma: no cover
-    threadpool_limits = None
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread_blas():
-    if threadpool_limits is None:
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
-
 
 def _anisotropic_inputs(rng, n, d, decay=3.0):
     """Rows x = z diag(scales) Qᵀ: strongly anisotropic, randomly rotated."""

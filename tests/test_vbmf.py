@@ -14,20 +14,6 @@ from onnxcompress.decompose.vbmf import (
     weaken_rank,
 )
 
-try:  # small SVDs: OpenBLAS threads only add contention on the shared 2-core box
-    from threadpoolctl import threadpool_limits
-except ImportError:  # pragma: no cover
-    threadpool_limits = None
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread_blas():
-    if threadpool_limits is None:
-        yield
-    else:
-        with threadpool_limits(limits=1, user_api="blas"):
-            yield
-
 
 SHAPES = [(64, 576), (128, 1152), (256, 256)]
 FAST = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
