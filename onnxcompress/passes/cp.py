@@ -30,6 +30,7 @@ from ..graph import ConvInfo, conv_info, infer_value_shapes
 from ..planning_cp import cp_chain_params, kernel_hw
 from ._gs import export_graph, import_graph
 from .base import LayerRecord, Pass, PassResult
+from .tucker2 import kxk_problem
 from .tucker2 import Tucker2Pass, chain_macs as tucker2_macs
 
 #: returns R for a layer, or a string: the reason to leave it alone
@@ -51,14 +52,9 @@ DEFAULT_FALLBACK = "keep-float"
 
 def cp_problem(info: ConvInfo, variant: str = "cp4") -> str | None:
     """Why the CP pass cannot rewrite this conv (None when it can)."""
-    if info.problem:
-        return info.problem
-    if info.group != 1:
-        return "depthwise conv" if info.group == info.S == info.T else f"grouped conv (group={info.group})"
-    if int(np.prod(info.kernel)) <= 1:
-        return "1x1 kernel (SVD, not CP)"
-    if info.S <= 4:
-        return f"too few input channels (S={info.S})"
+    why = kxk_problem(info, "CP")
+    if why:
+        return why
     if variant == "cp4" and len(info.kernel) != 2:
         return f"CP4 needs a 2-D kernel (got {len(info.kernel)}-D): use --method cp3"
     return None

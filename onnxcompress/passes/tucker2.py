@@ -18,17 +18,22 @@ from .base import LayerRecord, Pass, PassResult
 RankPolicy = Callable[[ConvInfo], "tuple[int, int] | str"]
 
 
-def tucker2_problem(info: ConvInfo) -> str | None:
-    """Why Tucker2 cannot rewrite this conv (None when it can)."""
+def kxk_problem(info: ConvInfo, method: str) -> str | None:
+    """Why a k×k factorization (Tucker2, CP) cannot rewrite this conv (None when it can)."""
     if info.problem:
         return info.problem
     if info.group != 1:
         return "depthwise conv" if info.group == info.S == info.T else f"grouped conv (group={info.group})"
     if int(np.prod(info.kernel)) <= 1:
-        return "1x1 kernel (SVD, not Tucker2)"
+        return f"1x1 kernel (SVD, not {method})"
     if info.S <= 4:
         return f"too few input channels (S={info.S})"
     return None
+
+
+def tucker2_problem(info: ConvInfo) -> str | None:
+    """Why Tucker2 cannot rewrite this conv (None when it can)."""
+    return kxk_problem(info, "Tucker2")
 
 
 def tucker2_working_set(info: ConvInfo) -> int:
