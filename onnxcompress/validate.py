@@ -7,14 +7,14 @@ with its reason — never dropped silently.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Sequence
 
 import onnx
 
 from .errors import UserError
-from .evaluate import FidelityAccumulator, ProviderUnavailable, feeds_for, make_session, provider_status
+from .evaluate import Fidelity, FidelityAccumulator, ProviderUnavailable, feeds_for, make_session, provider_status
 from .graph import has_quantized_ops, input_shapes
 from .modelio import load_model
 from .graph import fixed_batch, open_batch_shape
@@ -26,18 +26,9 @@ CUDA_INT8_NOTE = ("INT8 QDQ on the CUDA EP runs as simulated quantization (Quant
 
 
 @dataclass
-class ProviderValidation:
-    provider: str
+class ProviderValidation(Fidelity):
+    """Fidelity on one provider, or why that provider was skipped."""
     skipped: str | None = None
-    samples: int = 0
-    top1_agreement: float | None = None
-    top5_agreement: float | None = None
-    sqnr_db: float | None = None
-    cosine: float | None = None
-    max_abs_diff: float | None = None
-    accuracy_before: float | None = None
-    accuracy_after: float | None = None
-    accuracy_drop: float | None = None
     note: str | None = None
 
 
@@ -176,9 +167,8 @@ def validate(original, optimized, data, providers: Sequence[str] = ("cpu",), lab
             feeds = feeds_for(inputs, ins0)
             acc.update(a.run(None, feeds)[output_index], b.run(None, feeds)[output_index], lab)
         f = acc.result(prov, rep.data)
-        for k in ("samples", "top1_agreement", "top5_agreement", "sqnr_db", "cosine", "max_abs_diff",
-                  "accuracy_before", "accuracy_after", "accuracy_drop"):
-            setattr(pv, k, getattr(f, k))
+        for k in fields(Fidelity):
+            setattr(pv, k.name, getattr(f, k.name))
     if q and any(p == "cuda" for p in providers):
         rep.notes.append(CUDA_INT8_NOTE)
     return rep
