@@ -46,12 +46,10 @@ class Tucker2Planner:
     def _fixed(self, info: ConvInfo):
         """Override or selection decision for one layer; None = the global policy decides."""
         r = self.recipe
-        o = r.override_for(info.name, info.index)
+        o, why = r.layer_rule(info.name, info.index, (self.method,))
+        if why:
+            return why
         if o is not None:
-            if o.skip:
-                return "skipped by the recipe"
-            if o.method is not None and o.method != self.method:
-                return f"recipe asks for method {o.method}"
             if o.ranks is not None:
                 if len(o.ranks) != 2:
                     raise UserError(f"layer {info.name}: tucker2 ranks must be [r3, r4], got {o.ranks}")

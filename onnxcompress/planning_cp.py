@@ -57,12 +57,10 @@ class CPPlanner:
 
     def _decide(self, info: ConvInfo):
         r = self.recipe
-        o = r.override_for(info.name, info.index)
+        o, why = r.layer_rule(info.name, info.index, (self.method,))
+        if why:
+            return why
         if o is not None:
-            if o.skip:
-                return "skipped by the recipe"
-            if o.method is not None and o.method != self.method:
-                return f"recipe asks for method {o.method}"
             if o.ranks is not None:
                 if len(o.ranks) != 1:
                     raise UserError(f"layer {info.name}: {self.method} ranks must be [R], got {o.ranks}")

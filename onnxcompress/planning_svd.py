@@ -47,12 +47,10 @@ class SVDPlanner:
 
     def _decide(self, info: LinearInfo):
         r = self.recipe
-        o = r.override_for(info.name, info.index)
+        o, why = r.layer_rule(info.name, info.index, self.accept)
+        if why:
+            return why
         if o is not None:
-            if o.skip:
-                return "skipped by the recipe"
-            if o.method is not None and o.method not in self.accept:
-                return f"recipe asks for method {o.method}"
             if o.ranks is not None:
                 if len(o.ranks) != 1:
                     raise UserError(f"layer {info.name}: svd ranks must be [r], got {o.ranks}")

@@ -128,6 +128,17 @@ class Recipe:
                 return o
         return None
 
+    def layer_rule(self, name: str, index: int, methods) -> tuple[LayerOverride | None, str | None]:
+        """The layer's override and, when the override alone leaves the layer untouched (skip, or another
+        method than `methods`), the reason."""
+        o = self.override_for(name, index)
+        if o is not None:
+            if o.skip:
+                return o, "skipped by the recipe"
+            if o.method is not None and o.method not in methods:
+                return o, f"recipe asks for method {o.method}"
+        return o, None
+
     def selected(self, name: str) -> str | None:
         """None when the layer is selected, else why not."""
         if self.include and not any(fnmatch.fnmatchcase(name, g) for g in self.include):
