@@ -193,18 +193,20 @@ def suffix_model(model: onnx.ModelProto, layer: str, boundary: dict[str, np.ndar
 
 
 def code_fingerprint() -> str:
-    """Versions and source of the code that produces a measurement: a change to the factorization, the
-    pass, the quantization or this module invalidates cached results (and cached factors)."""
+    """Versions and the source of the whole package: any change to the code that produces a measurement
+    (the factorization, a pass, the quantization, this module — wherever it lives) invalidates cached results
+    and cached factors. Every .py file under the package is hashed with its relative path, so moving or
+    renaming a module changes the key as well; an unreadable source file is an error, never skipped."""
     import onnxruntime
 
     from . import __version__
     here = Path(__file__).resolve().parent
     parts = [__version__.encode(), onnxruntime.__version__.encode(), onnx.__version__.encode()]
-    for f in ("analyze.py", "decompose/tucker2.py", "passes/tucker2.py", "passes/fold_bn.py", "evaluate.py"):
-        try:
-            parts.append((here / f).read_bytes())
-        except OSError:
-            pass
+    files = sorted(here.rglob("*.py"))
+    if not files:
+        raise RuntimeError(f"no source files found under {here}: cannot fingerprint the code")
+    for f in files:
+        parts += [f.relative_to(here).as_posix().encode(), f.read_bytes()]
     return _sha256(*parts)[:16]
 
 

@@ -185,3 +185,26 @@ def test_ray_executor_local_instance(tmp_path):
     b = analyze(MODEL, CALIB, jobs=1, cache_dir=tmp_path / "l", **kw)
     assert a["stats"]["evaluated"] == 2
     assert [r["sqnr_db"] for r in a["measurements"]] == pytest.approx([r["sqnr_db"] for r in b["measurements"]])
+
+
+def test_code_fingerprint_covers_every_module(tmp_path, monkeypatch):
+    """The cache key hashes every source file of the package with its path: editing, adding or moving a
+    module changes it (a stale cached curve can never survive a code change)."""
+    import shutil
+
+    import onnxcompress
+    from onnxcompress import analyze as an
+
+    src = Path(onnxcompress.__file__).resolve().parent
+    pkg = tmp_path / "onnxcompress"
+    shutil.copytree(src, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(an, "__file__", str(pkg / Path(an.__file__).name))
+    base = an.code_fingerprint()
+    assert base == an.code_fingerprint()
+    victim = pkg / "decompose" / "svd.py"
+    victim.write_text(victim.read_text() + "\n# edited\n")
+    edited = an.code_fingerprint()
+    assert edited != base
+    (pkg / "decompose" / "moved").mkdir()
+    victim.rename(pkg / "decompose" / "moved" / "svd.py")
+    assert an.code_fingerprint() not in (base, edited)
