@@ -32,9 +32,10 @@ def main() -> int:
     from threadpoolctl import threadpool_limits
     threadpool_limits(1, "blas")
     from onnxcompress import zoo
-    from onnxcompress.analyze import DEFAULT_GRID, analyze, model_layers, render_summary, write_outputs
-    from onnxcompress.graph import input_shapes
-    from onnxcompress.modelio import load_model
+    from onnxcompress.analysis.sweep import DEFAULT_GRID, analyze, model_layers
+    from onnxcompress.analysis.outputs import render_summary, write_outputs
+    from onnxcompress.ir.shapes import input_shapes
+    from onnxcompress.ir.modelio import load_model
 
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()

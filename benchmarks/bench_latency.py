@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import onnx  # noqa: E402
 
 from onnxcompress import Recipe, optimize  # noqa: E402
-from onnxcompress.bench import bench, ort_kernels  # noqa: E402
-from onnxcompress.graph import input_shapes, model_macs  # noqa: E402
+from onnxcompress.ort.timing import bench, ort_kernels  # noqa: E402
+from onnxcompress.ir.shapes import input_shapes
+from onnxcompress.ir.counts import model_macs  # noqa: E402
 from onnxcompress.zoo import cached_export  # noqa: E402
 
 

@@ -34,10 +34,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from onnxcompress.decompose.cp import cp4_rank_for_ratio  # noqa: E402
-from onnxcompress.evaluate import make_session  # noqa: E402
-from onnxcompress.passes.cp import CPPass, cp_problem, float_node_globs  # noqa: E402
+from onnxcompress.ort.session import make_session  # noqa: E402
+from onnxcompress.passes.base import PassContext  # noqa: E402
+from onnxcompress.passes.cp import CPPass, cp_problem  # noqa: E402
 from onnxcompress.passes.fold_bn import FoldBatchNorm  # noqa: E402
-from onnxcompress.passes.quantize import QuantizeInt8, int8_format_for  # noqa: E402
+from onnxcompress.passes.int8 import QuantizeInt8
+from onnxcompress.ort.quantize import int8_format_for  # noqa: E402
 from onnxcompress.passes.tucker2 import Tucker2Pass  # noqa: E402
 
 SHAPES = {"input": (1, 1, 16, 16)}
@@ -71,9 +73,9 @@ def logits(model: onnx.ModelProto) -> np.ndarray:
 
 
 def int8(model: onnx.ModelProto, float_nodes=(), int16_tensors=()) -> onnx.ModelProto:
-    q = QuantizeInt8(lambda: _Reader(CALIB), int8_format_for("cpu"), exclude_globs=float_node_globs(list(float_nodes)))
-    q.int16_tensors = list(int16_tensors)
-    return q.run(model).model
+    q = QuantizeInt8(lambda: _Reader(CALIB), int8_format_for("cpu"))
+    handoff = {"float_nodes": list(float_nodes), "int16_tensors": list(int16_tensors)}
+    return q.run(model, PassContext(handoff=handoff)).model
 
 
 def metrics(ref: np.ndarray, out: np.ndarray) -> tuple[float, float, float]:
@@ -197,11 +199,11 @@ def run_fallback(folded, ref, ratio):
                    fallback=fb, kappa_max=0.0)
         res = p.run(folded)
         params = sum(l.params_after for l in res.layers if l.skipped is None)
-        q = int8(res.model, p.float_nodes, p.int16_tensors)
+        q = int8(res.model, res.handoff.get("float_nodes", []), res.handoff.get("int16_tensors", []))
         out = logits(q)
         _, s8, a8 = metrics(ref, out)
         eq_ = penalty(logits(res.model), out)
-        from onnxcompress.passes.quantize import _float_compute_ops
+        from onnxcompress.ort.quantize import _float_compute_ops
         s = make_session(q, "cpu", threads=1)
         xb = XTEST[:120]
         s.run(None, {"input": xb})

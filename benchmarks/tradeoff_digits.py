@@ -42,7 +42,8 @@ def main() -> int:
     from threadpoolctl import threadpool_limits
     threadpool_limits(1, "blas")
     from onnxcompress import Recipe, optimize
-    from onnxcompress.analyze import analyze, render_summary, write_outputs
+    from onnxcompress.analysis.sweep import analyze
+    from onnxcompress.analysis.outputs import render_summary, write_outputs
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

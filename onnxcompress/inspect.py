@@ -1,16 +1,17 @@
-"""`onnxcompress inspect`: every Conv/Gemm/MatMul with shapes, params, MACs and whether (and why not) it
-can be decomposed."""
+"""`onnxcompress inspect`: every Conv/Gemm/MatMul with shapes, params, MACs and which factorization methods
+can take it — asked of the same cost models the planner uses (passes.registry.applicable), on the model as
+`optimize` sees it (after the lossless clean-up passes), so inspect and optimize cannot disagree."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 
 from .errors import UserError
-from .graph import conv_info, constant_value, ensure_node_names, has_quantized_ops, infer_value_shapes, input_shapes
-from .passes.tucker2 import tucker2_problem
+from .ir.counts import has_quantized_ops
+from .ir.layers import collect_layers
+from .ir.shapes import input_shapes
+from .passes import registry
 
 
 @dataclass
@@ -22,8 +23,8 @@ class LayerFacts:
     output_shape: list[int] | None
     params: int
     macs: int | None
-    decomposable: str | None     # method that applies, or None
-    why_not: str | None
+    decomposable: str | None     # the methods that apply ("tucker2, cp4, cp3" / "svd"), or None
+    why_not: str | None          # when no method applies: why (per method when they differ)
 
 
 def inspect_model(model: onnx.ModelProto, shapes_override: dict | None = None) -> dict:
@@ -31,35 +32,21 @@ def inspect_model(model: onnx.ModelProto, shapes_override: dict | None = None) -
         shapes = input_shapes(model, shapes_override)
     except UserError:
         shapes = None
-    vshapes = infer_value_shapes(model, shapes) if shapes else infer_value_shapes(model)
-    g = gs.import_onnx(model)
-    ensure_node_names(g)
+    clean = model
+    for p in registry.CLEANUP:
+        clean = p().run(clean).model
     layers: list[LayerFacts] = []
-    conv_idx = 0
-    for node in g.nodes:
-        if node.op == "Conv":
-            info = conv_info(node, conv_idx, vshapes)
-            conv_idx += 1
-            why = tucker2_problem(info)
-            method = "tucker2" if why is None else None
-            if why and why.startswith("1x1 kernel"):
-                why, method = "1x1 kernel: SVD of a 1x1 conv (not available yet)", None
-            layers.append(LayerFacts(node.name, "Conv", list(info.weight_shape), _l(info.in_shape),
-                                     _l(info.out_shape), info.params, info.macs, method, why))
-        elif node.op in ("Gemm", "MatMul"):
-            w = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
-            a = vshapes.get(node.inputs[0].name)
-            o = vshapes.get(node.outputs[0].name)
-            params = int(w.size) if w is not None else 0
-            if node.op == "Gemm" and len(node.inputs) > 2 and constant_value(node.inputs[2]) is not None:
-                params += int(constant_value(node.inputs[2]).size)
-            macs = None
-            if w is not None and o is not None and w.ndim == 2:
-                macs = int(np.prod(o)) * (w.shape[0] if node.op == "MatMul" or not node.attrs.get("transB", 0)
-                                          else w.shape[1])
-            why = "dynamic weight" if w is None else "SVD of Gemm/MatMul (not available yet)"
-            layers.append(LayerFacts(node.name, node.op, list(w.shape) if w is not None else None, _l(a), _l(o),
-                                     params, macs, None, why))
+    for info in collect_layers(clean, shapes):
+        verdicts = registry.applicable(info)
+        ok = [m for m, why in verdicts.items() if why is None]
+        whys = list(dict.fromkeys(why for why in verdicts.values() if why is not None))
+        relevant = [w for w in whys if not w.startswith(("not a k×k conv", "k×k conv (SVD"))] or whys
+        ws = getattr(info, "weight_shape", None) or (list(info.conv.weight_shape) if getattr(info, "conv", None)
+                                                     else (list(info.W.shape) if getattr(info, "W", None) is not None
+                                                           else None))
+        layers.append(LayerFacts(info.name, getattr(info, "op", "Conv"), list(ws) if ws else None,
+                                 _l(info.in_shape), _l(info.out_shape), int(info.params), info.macs,
+                                 ", ".join(ok) or None, None if ok else "; ".join(relevant)))
     return {
         "opsets": {o.domain or "ai.onnx": o.version for o in model.opset_import},
         "inputs": {k: list(v) for k, v in (shapes or {}).items()},
@@ -78,7 +65,7 @@ def _l(x):
 
 
 def render_inspect(facts: dict) -> str:
-    from .report import _n
+    from .report.report import _n
 
     rows = [("layer", "op", "weight", "in -> out", "params", "MACs", "decomposable")]
     for l in facts["layers"]:

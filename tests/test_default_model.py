@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from onnxcompress.calibration import inputs_for_model, model_inputs
-from onnxcompress.data import PRESETS, open_dataset
+from onnxcompress.data.readers import inputs_for_model, model_inputs
+from onnxcompress.data.datasets import PRESETS, open_dataset
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 ONNX = MODELS / "digits_cnn.onnx"
@@ -112,7 +112,7 @@ def test_int8_with_the_shipped_calibration_file(tmp_path):
     import onnxruntime as ort
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    from onnxcompress.calibration import CalibrationReader
+    from onnxcompress.data.readers import CalibrationReader
 
     pre = ONNX  # BatchNorms left in (they stay float); onnxcompress's own pipeline folds them first
     reader = CalibrationReader.from_model(pre, CALIB)

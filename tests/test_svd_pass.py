@@ -101,17 +101,20 @@ def test_truncated_rank_records_and_skips():
 
 
 def test_planner_ratio_and_skip_last():
-    from onnxcompress.passes.svd import LinearInfo
-    from onnxcompress.planning_svd import SVDPlanner
+    from onnxcompress.ir.layers import LinearInfo
+    from onnxcompress.passes.registry import cost_models
+    from onnxcompress.planning.planner import Planner
     from onnxcompress.recipe import Recipe
 
-    rec = Recipe(method="svd", ratio=2, rank_multiple=1).validate()
-    p = SVDPlanner(rec)
+    def plan(rec, info):
+        return Planner(rec, cost_models()).plan([info]).layers[info.name]
+
+    rec = Recipe(method="svd", ratio=2, rank_multiple=1)
     info = LinearInfo("fc", "Gemm", "gemm", 0, W=np.zeros((128, 256)))
-    assert p(info) == 128 * 256 // (2 * 384)
+    assert plan(rec, info).ranks == (128 * 256 // (2 * 384),)
     last = LinearInfo("head", "Gemm", "gemm", 1, W=np.zeros((10, 64)), last=True)
-    assert "classifier" in p(last)
+    assert "classifier" in plan(rec, last).reason
     tiny = LinearInfo("t", "Gemm", "gemm", 2, W=np.zeros((2, 3)))
-    assert "not shrink" in p(tiny)
-    rec = Recipe(method="svd", ratio=2, svd_skip_last=False, rank_multiple=1).validate()
-    assert isinstance(SVDPlanner(rec)(last), int)
+    assert "not shrink" in plan(rec, tiny).reason
+    rec = Recipe(method="svd", ratio=2, svd_skip_last=False, rank_multiple=1)
+    assert plan(rec, last).ranks is not None

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from conftest import conv_model, rel_err, run_ort
 from onnxcompress.errors import VerificationError
-from onnxcompress.pipeline import PassManager
+from onnxcompress.passes.manager import PassManager
 from onnxcompress.passes.tucker2 import Tucker2Pass
 
 
@@ -106,15 +106,15 @@ def test_pass_manager_verifies_lossless_and_names_layer():
     class Liar(Tucker2Pass):
         name = "LyingTucker2"
 
-        def run(self, model, progress=None):
-            res = super().run(model, progress)
+        def run(self, model, ctx=None):
+            res = super().run(model, ctx)
             res.lossless = True
             return res
 
-    pm = PassManager([Liar(lambda i: (2, 2), {"x": (2, 16, 9, 11)})], {"x": (2, 16, 9, 11)})
+    pm = PassManager({"x": (2, 16, 9, 11)})
     with pytest.raises(VerificationError, match="LyingTucker2.*conv"):
-        pm.run(m)
+        pm.run(m, [Liar(lambda i: (2, 2), {"x": (2, 16, 9, 11)})])
     # the honest full-rank pass verifies
-    pm = PassManager([Tucker2Pass(_full, {"x": (2, 16, 9, 11)})], {"x": (2, 16, 9, 11)})
-    out, recs, _ = pm.run(m)
-    assert recs[0].verified["max_rel_error_vs_previous"] < 1e-5
+    pm = PassManager({"x": (2, 16, 9, 11)})
+    pm.run(m, [Tucker2Pass(_full, {"x": (2, 16, 9, 11)})])
+    assert pm.records[0].verified["max_rel_error_vs_previous"] < 1e-5

@@ -7,9 +7,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import conv_model
-from onnxcompress.bench import bench, model_feeds, ort_kernels, time_interleaved
+from onnxcompress.ort.timing import bench, model_feeds, ort_kernels, time_interleaved
 from onnxcompress.cli import main
-from onnxcompress.evaluate import provider_status
+from onnxcompress.ort.session import provider_status
 from onnxcompress.validate import CUDA_INT8_NOTE, validate
 
 CUDA_MISSING = provider_status("cuda") is not None
@@ -192,7 +192,7 @@ def test_bench_cli_missing_model_is_usage_error(tmp_path, capsys):
 
 
 def test_ort_kernels_counts_integer_convs():
-    from onnxcompress.latency_guard import ConvSpec, layer_model
+    from onnxcompress.planning.latency_guard import ConvSpec, layer_model
 
     one = (1, 1)
     spec = ConvSpec(16, 16, (3, 3), one, (1, 1, 1, 1), one, 1, True)

@@ -28,6 +28,7 @@ import numpy as np
 import scipy.linalg as sla
 
 from .svd import regularized_cholesky
+from .tucker2 import hooi, top_eigvecs
 
 __all__ = [
     "Tucker2Factors",
@@ -87,21 +88,6 @@ def _check_kernel(K: np.ndarray, r3: int, r4: int) -> tuple[np.ndarray, int, int
     return K, min(r3, S), min(r4, T)
 
 
-def _top_eigvecs(G: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-r eigenpairs (descending) of a symmetric PSD matrix (LAPACK syevd)."""
-    G = 0.5 * (G + G.T)
-    n = G.shape[0]
-    w, V = sla.eigh(G, driver="evd", check_finite=False, overwrite_a=True)
-    idx = slice(n - 1, n - r - 1 if n - r - 1 >= 0 else None, -1)
-    V = V[:, idx]
-    w = w[idx]
-    # deterministic sign: largest-magnitude entry of each vector positive
-    j = np.argmax(np.abs(V), axis=0)
-    sgn = np.sign(V[j, np.arange(V.shape[1])])
-    sgn[sgn == 0] = 1.0
-    return V * sgn, w
-
-
 def _sym_sigma(sigma: np.ndarray, D: int) -> np.ndarray:
     sigma = np.asarray(sigma, dtype=np.float64)
     if sigma.shape != (D, D):
@@ -128,52 +114,6 @@ def _regularize(sigma: np.ndarray, eps: float) -> np.ndarray:
 # --------------------------------------------------------------------------- HOOI
 
 
-def _hooi3(
-    K3: np.ndarray,
-    r3: int,
-    r4: int,
-    n_iter_max: int,
-    tol: float,
-    U_S0: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, list[float]]:
-    """HOOI on the channel modes of K3 (T, S, k).
-
-    Returns (U_T, U_S, G (R4, R3, k), n_iter, history of relative errors).
-    Uses eigh of the T×T / S×S Gram matrices of the projected unfoldings.
-    """
-    T, S, k = K3.shape
-    norm2 = float(np.sum(K3 * K3))
-    if norm2 == 0.0:
-        return (np.eye(T, r4), np.eye(S, r3), np.zeros((r4, r3, k)), 0, [0.0])
-    if U_S0 is None:
-        # HOSVD init for U_S (U_T is recomputed from U_S in the first sweep,
-        # which equals ALGORITHMS' order U_T ← f(U_S) then U_S ← f(U_T)).
-        X1 = K3.transpose(1, 0, 2).reshape(S, T * k)
-        U_S, _ = _top_eigvecs(X1 @ X1.T, r3)
-    else:
-        U_S = U_S0
-    hist: list[float] = []
-    prev = math.inf
-    it = 0
-    for it in range(1, max(1, n_iter_max) + 1):
-        # U_T ← top-R4 left singular vectors of unfold0(K ×₂ U_Sᵀ)
-        M = np.einsum("tsk,sr->trk", K3, U_S, optimize=True).reshape(T, r3 * k)
-        U_T, _ = _top_eigvecs(M @ M.T, r4)
-        # U_S ← top-R3 left singular vectors of unfold1(K ×₁ U_Tᵀ)
-        P = np.tensordot(U_T, K3, axes=([0], [0]))  # (R4, S, k)
-        P1 = P.transpose(1, 0, 2).reshape(S, r4 * k)
-        U_S, w = _top_eigvecs(P1 @ P1.T, r3)
-        core_norm2 = float(np.sum(w))  # ‖G‖² = tr(U_Sᵀ P1 P1ᵀ U_S)
-        err = math.sqrt(max(norm2 - core_norm2, 0.0) / norm2)
-        hist.append(err)
-        if abs(prev - err) < tol:
-            break
-        prev = err
-    P = np.tensordot(U_T, K3, axes=([0], [0]))  # (R4, S, k)
-    G = np.einsum("ask,sr->ark", P, U_S, optimize=True)
-    return U_T, U_S, G, it, hist
-
-
 def tucker2_hooi(K: np.ndarray, r3: int, r4: int, n_iter_max: int = 50, tol: float = 1e-6) -> Tucker2Factors:
     """Plain Tucker2 (HOSVD init + HOOI) of a conv kernel, weight-space optimal.
 
@@ -188,13 +128,13 @@ def tucker2_hooi(K: np.ndarray, r3: int, r4: int, n_iter_max: int = 50, tol: flo
     K3 = K.reshape(T, S, Kh * Kw)
     if n_iter_max <= 0:
         X1 = K3.transpose(1, 0, 2).reshape(S, -1)
-        U_S, _ = _top_eigvecs(X1 @ X1.T, r3)
+        U_S, _ = top_eigvecs(X1 @ X1.T, r3)
         X0 = K3.reshape(T, -1)
-        U_T, _ = _top_eigvecs(X0 @ X0.T, r4)
+        U_T, _ = top_eigvecs(X0 @ X0.T, r4)
         G = np.einsum("ta,tsk,sr->ark", U_T, K3, U_S, optimize=True)
         it, hist = 0, []
     else:
-        U_T, U_S, G, it, hist = _hooi3(K3, r3, r4, n_iter_max, tol)
+        U_T, U_S, G, it, hist = hooi(K3, r3, r4, n_iter_max, tol)
     core = G.reshape(r4, r3, Kh, Kw)
     Khat = tucker2_reconstruct(core, U_T, U_S)
     kn = float(np.linalg.norm(K))
@@ -221,7 +161,7 @@ def _kron_init(K3, r3, r4, sigma, eps, n_iter_max, tol):
     L_K, _ = regularized_cholesky(sig_K, eps)
     # K' = K ×₂ L_Sᵀ ×₃ L_Kᵀ
     Kw = np.einsum("tsk,si,kj->tij", K3, L_S, L_K, optimize=True)
-    U_T, U_Sw, Gw, it, hist = _hooi3(Kw, r3, r4, n_iter_max, tol)
+    U_T, U_Sw, Gw, it, hist = hooi(Kw, r3, r4, n_iter_max, tol)
     # un-whiten: U_S = L_S^{-T} U_S',  core = G' ×₃ L_K^{-T}
     U_S_raw = sla.solve_triangular(L_S, U_Sw, lower=True, trans="T", check_finite=False)
     Q, R = np.linalg.qr(U_S_raw)
@@ -296,7 +236,7 @@ class _SigmaALS:
         Z = np.einsum("tsl,sr->tlr", self.WC.reshape(T, S, k), U, optimize=True).reshape(T, k * r3)
         Lc = self._chol(N)
         X = sla.solve_triangular(Lc, Z.T, lower=True, check_finite=False).T  # Z Lc^{-T}
-        U_T, w = _top_eigvecs(X @ X.T, r4)
+        U_T, w = top_eigvecs(X @ X.T, r4)
         # Gm = U_Tᵀ Z N⁻¹ = (U_Tᵀ X) Lc⁻¹
         Gm = sla.solve_triangular(Lc, X.T @ U_T, lower=True, trans="T", check_finite=False).T
         f = max(self.wnorm2 - float(np.sum(w)), 0.0)
@@ -443,9 +383,9 @@ def tucker2_sigma_als(
         _, U_S, _, _, _, _, _ = _kron_init(K3, r3, r4, C, eps, init_hooi_iter, tol)
     elif isinstance(init, str) and init == "hosvd":
         X1 = K3.transpose(1, 0, 2).reshape(S, -1)
-        U_S, _ = _top_eigvecs(X1 @ X1.T, r3)
+        U_S, _ = top_eigvecs(X1 @ X1.T, r3)
     elif isinstance(init, str) and init == "hooi":
-        _, U_S, _, _, _ = _hooi3(K3, r3, r4, init_hooi_iter, tol)
+        _, U_S, _, _, _ = hooi(K3, r3, r4, init_hooi_iter, tol)
     elif isinstance(init, Tucker2Factors):
         U_S = np.linalg.qr(np.asarray(init.U_S, dtype=np.float64))[0]
     elif isinstance(init, np.ndarray):

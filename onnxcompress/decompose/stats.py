@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+from typing import Callable
 
 __all__ = ["SecondMoment", "im2col", "conv_output_shape", "ConvInputStats"]
 
@@ -270,3 +271,48 @@ class ConvInputStats:
     @property
     def count(self) -> float:
         return self.moment.count
+
+
+class RowStats:
+    """E[x xᵀ] of the rows of 2-D views of a tensor; `view(a)` makes rows (N, D). At most `max_rows` rows
+    per batch are kept (uniformly at random, reweighted so batches count by their size)."""
+
+    def __init__(self, view: Callable[[np.ndarray], np.ndarray], max_rows: int | None = 4096, seed: int = 0):
+        self.view = view
+        self.max_rows = max_rows
+        self.rng = np.random.default_rng(seed)
+        self.moment = SecondMoment()
+
+    def update(self, a: np.ndarray) -> None:
+        X = self.view(np.asarray(a))
+        n = X.shape[0]
+        if self.max_rows is not None and n > self.max_rows:
+            idx = np.sort(self.rng.choice(n, size=self.max_rows, replace=False))
+            self.moment.update(X[idx], weight=n / self.max_rows)
+        else:
+            self.moment.update(X)
+
+    @property
+    def sigma(self) -> np.ndarray:
+        return self.moment.sigma
+
+    @property
+    def count(self) -> float:
+        return self.moment.count
+
+
+def rows_last(a: np.ndarray) -> np.ndarray:
+    """(..., D) → (N, D)."""
+    return a.reshape(-1, a.shape[-1]) if a.ndim > 1 else a.reshape(1, -1)
+
+
+def rows_second_last(a: np.ndarray) -> np.ndarray:
+    """(..., D, n) → (N, D): columns of the last two dims are the vectors (Wm @ X)."""
+    if a.ndim < 2:
+        return a.reshape(1, -1)
+    return np.moveaxis(a, -2, -1).reshape(-1, a.shape[-2])
+
+
+def rows_channels(a: np.ndarray) -> np.ndarray:
+    """(N, C, *spatial) → (N·spatial, C)."""
+    return np.moveaxis(a, 1, -1).reshape(-1, a.shape[1])

@@ -14,24 +14,25 @@ diagonal rescaling compensated in the next factor, so exact in FP32). Layers who
 """
 from __future__ import annotations
 
-import glob
 from typing import Callable, Iterable
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from ..decompose.cp import (DEFAULT_EPC_ROUNDS, DEFAULT_KERNEL_ITERS, DEFAULT_KERNEL_TOL, chain_weights,
-                            cp_als, epc, equalize_chain)
 from ..decompose._blas import one_blas_thread
+from ..decompose.costs import ConvSpec, CostModel, Ranks, linear_rank_for_ratio
+from ..decompose.cp import (DEFAULT_EPC_ROUNDS, DEFAULT_KERNEL_ITERS, DEFAULT_KERNEL_TOL, chain_weights,
+                            cp_als, cp_params, epc, equalize_chain)
 from ..decompose.tucker2 import tucker2, tucker2_params
-from ..graph import ConvInfo, conv_info, infer_value_shapes
-from ..planning_cp import cp_chain_params, kernel_hw
-from ._gs import export_graph, import_graph
-from .base import LayerRecord, Pass, PassResult
-from .tucker2 import kxk_problem
-from .tucker2 import Tucker2Pass, chain_macs as tucker2_macs
+from ..decompose.vbmf import tucker2_vbmf_ranks
+from ..ir.layers import ConvInfo, conv_info, conv_spec, kxk_problem
+from ..ir.names import is_chain_node
+from ..ir.shapes import infer_value_shapes
+from ..ir.surgery import export_graph, import_graph, pointwise_attrs, replace_with_convs
+from ..ort.capture import channel_ranges
+from .base import LayerRecord, Method, Pass, PassContext, PassResult, Wiring
+from .tucker2 import COST as TUCKER2_COST, tucker2_chain_weights
 
 #: returns R for a layer, or a string: the reason to leave it alone
 RankPolicy = Callable[[ConvInfo], "int | str"]
@@ -73,6 +74,79 @@ def cp_chain_macs(info: ConvInfo, rank: int, variant: str) -> int | None:
     return info.S * r * hw_in + mid + r * info.T * hw_out
 
 
+def kernel_hw(info: ConvInfo) -> tuple[int, int]:
+    """(Kh, Kw) of a 2-D kernel; other kernels are flattened to (prod, 1) (only CP3 accepts them)."""
+    k = info.kernel
+    return (int(k[0]), int(k[1])) if len(k) == 2 else (int(np.prod(k)), 1)
+
+
+def cp_chain_params(info: ConvInfo, rank: int, variant: str) -> int:
+    """Weights of the CP chain, bias included."""
+    kh, kw = kernel_hw(info)
+    p = cp_params(info.T, info.S, kh, kw, rank, variant if len(info.kernel) == 2 else "cp3")
+    return p + (info.T if info.has_bias else 0)
+
+
+class CPCost(CostModel):
+    """CP4 / CP3 chains: one rank R shared by every factor; cost affine in R."""
+    family = "kxk"
+
+    def __init__(self, variant: str):
+        self.method = variant
+
+    def takes(self, layer) -> str | None:
+        if not isinstance(layer, ConvInfo):
+            return "not a k×k conv (CP takes convs with a spatial kernel)"
+        return cp_problem(layer, self.method)
+
+    def full_ranks(self, layer) -> Ranks:
+        # the rank at which the chain holds as many weights as the conv (a CP rank has no exact "full" value)
+        return (max(1, self.weights(layer, None) // max(self.weights(layer, (1,)), 1)),)
+
+    def rank_limits(self, layer) -> Ranks:
+        return (max(self.full_ranks(layer)[0], layer.S * layer.T),)
+
+    def weights(self, layer, ranks):
+        if ranks is None:
+            return layer.T * (layer.S // max(layer.group, 1)) * int(np.prod(layer.kernel))
+        kh, kw = kernel_hw(layer)
+        return cp_params(layer.T, layer.S, kh, kw, int(ranks[0]), self.method if len(layer.kernel) == 2 else "cp3")
+
+    def macs(self, layer, ranks):
+        if layer.in_shape is None or layer.out_shape is None:
+            return None
+        return layer.macs if ranks is None else cp_chain_macs(layer, int(ranks[0]), self.method)
+
+    def ranks_for_ratio(self, layer, ratio, target="params"):
+        return linear_rank_for_ratio(self, layer, ratio, target, self.rank_limits(layer)[0])
+
+    def vbmf_ranks(self, layer, weakening):
+        # a CP of rank R can hold a Tucker2 of multilinear ranks (r3, r4) only if R >= max(r3, r4)
+        return (max(tucker2_vbmf_ranks(layer.weight, weakening=weakening)),)
+
+    def original(self, layer):
+        return [conv_spec(layer)]
+
+    def chain(self, layer, ranks):
+        r = int(ranks[0])
+        nd = len(layer.kernel)
+        one, zero = (1,) * nd, (0,) * (2 * nd)
+        o = conv_spec(layer)
+        if self.method == "cp4":
+            (sh, sw), (dh, dw) = o.strides, o.dilations
+            top, left, bottom, right = o.pads
+            kh, kw = o.kernel
+            mids = [ConvSpec(r, r, (kh, 1), (sh, 1), (top, 0, bottom, 0), (dh, 1), group=r),
+                    ConvSpec(r, r, (1, kw), (1, sw), (0, left, 0, right), (1, dw), group=r)]
+        else:
+            mids = [ConvSpec(r, r, o.kernel, o.strides, o.pads, o.dilations, group=r)]
+        return [ConvSpec(layer.S, r, one, one, zero, one)] + mids + \
+            [ConvSpec(r, layer.T, one, one, zero, one, bias=layer.has_bias)]
+
+
+CP4_COST, CP3_COST = CPCost("cp4"), CPCost("cp3")
+
+
 def _suffixes(variant: str) -> list[str]:
     return ["cp_in", "cp_v", "cp_h", "cp_out"] if variant == "cp4" else ["cp_in", "cp_dw", "cp_out"]
 
@@ -84,10 +158,10 @@ def _wrange(w: np.ndarray) -> dict:
 
 
 class CPPass(Pass):
-    """See the module doc. `ranks`: a RankPolicy (e.g. planning_cp.CPPlanner). `calibration`: a callable
-    returning an iterable of ORT feed dicts (enables measured activation ranges and `equalize="data"`).
-    `int8`: an INT8 pass follows (enables the κ fallback). After `run`, `float_nodes` and `int16_tensors`
-    hold what the quantize pass must keep out of INT8 (also in PassResult.info)."""
+    """See the module doc. `ranks(info)`: R (or (R,)) or the reason to leave a layer alone (the planner's plan
+    for this method). `calibration`: a callable returning an iterable of ORT feed dicts (enables measured
+    activation ranges and `equalize="data"`). `int8`: an INT8 pass follows (enables the κ fallback). What the
+    INT8 pass must keep out of INT8 is handed off in the result (`float_nodes`, `int16_tensors`)."""
 
     name = "CP"
 
@@ -96,7 +170,7 @@ class CPPass(Pass):
                  equalize: str = "data-free", calibration: FeedsFactory | None = None, int8: bool = False,
                  fallback: str = DEFAULT_FALLBACK, kappa_max: float | None = DEFAULT_KAPPA_MAX,
                  n_iter_max: int = DEFAULT_KERNEL_ITERS, epc_rounds: int = DEFAULT_EPC_ROUNDS,
-                 tol: float = DEFAULT_KERNEL_TOL, dtype=np.float32, seed: int = 0, layer_filter: Callable[[ConvInfo], str | None] | None = None):
+                 tol: float = DEFAULT_KERNEL_TOL, dtype=np.float32, seed: int = 0):
         if variant not in ("cp4", "cp3"):
             raise ValueError(f"unknown CP variant {variant!r}")
         if fallback not in FALLBACKS:
@@ -121,20 +195,17 @@ class CPPass(Pass):
         self.tol = tol
         self.dtype = dtype
         self.seed = seed
-        self.layer_filter = layer_filter
-        self.float_nodes: list[str] = []
-        self.int16_tensors: list[str] = []
-        self.on_quantize_handoff: Callable[[list[str], list[str]], None] | None = None
 
     # ------------------------------------------------------------------------------------------ run
-    def run(self, model: onnx.ModelProto, progress=None) -> PassResult:
-        self.float_nodes, self.int16_tensors = [], []
+    def run(self, model: onnx.ModelProto, ctx: PassContext | None = None) -> PassResult:
+        ctx = ctx or PassContext()
+        float_nodes: list[str] = []
+        int16_tensors: list[str] = []
+        cost = CP4_COST if self.variant == "cp4" else CP3_COST
         shapes = infer_value_shapes(model, self.input_shapes)
         g = import_graph(model)
-        convs = [n for n in g.nodes if n.op == "Conv"]
+        convs = [n for n in g.nodes if n.op == "Conv" and not is_chain_node(n.name)]
         infos = [conv_info(node, idx, shapes) for idx, node in enumerate(convs)]
-        if hasattr(self.ranks, "prepare"):
-            self.ranks.prepare(infos)
         records: list[LayerRecord] = []
         chains: dict[str, list[str]] = {}      # layer -> intermediate tensor names (CP chains only)
         all_exact = True
@@ -144,17 +215,16 @@ class CPPass(Pass):
                                   kernel_shape=list(info.weight_shape), params_before=info.params,
                                   params_after=info.params, macs_before=info.macs, macs_after=info.macs)
                 records.append(rec)
-                reason = cp_problem(info, self.variant) or (self.layer_filter(info) if self.layer_filter else None)
+                reason = cost.takes(info)
                 decision = self.ranks(info) if reason is None else reason
                 if isinstance(decision, str):
                     rec.skipped = decision
                     continue
-                rank = int(decision)
+                rank = int(decision[0]) if isinstance(decision, (tuple, list)) else int(decision)
                 if rank < 1:
                     rec.skipped = f"invalid CP rank {rank}"
                     continue
-                if progress:
-                    progress(f"{self.variant.upper()} {node.name} {list(info.weight_shape)} -> rank {rank}")
+                ctx.note(f"{self.variant.upper()} {node.name} {list(info.weight_shape)} -> rank {rank}")
                 res, extra = self._decompose(info, rank)
                 rec.extra.update(extra)
                 p_chain = cp_chain_params(info, rank, self.variant)
@@ -180,9 +250,9 @@ class CPPass(Pass):
                 mids = [f"{n}_out" for n in names[:-1]]
                 chains[node.name] = mids
                 if unstable and rec.extra["fallback"] == "keep-float":
-                    self.float_nodes += names
+                    float_nodes += names
                 elif unstable and rec.extra["fallback"] == "int16":
-                    self.int16_tensors += mids
+                    int16_tensors += mids
         modified = any(r.skipped is None for r in records)
         out = export_graph(g, model) if modified else model
         info_out: dict = {}
@@ -190,14 +260,10 @@ class CPPass(Pass):
             out, notes = self._activations(out, chains, records)
             if notes:
                 info_out["cp_notes"] = notes
-        if self.float_nodes:
-            info_out["float_nodes"] = list(self.float_nodes)
-        if self.int16_tensors:
-            info_out["int16_tensors"] = list(self.int16_tensors)
-        if self.on_quantize_handoff is not None and (self.float_nodes or self.int16_tensors):
-            self.on_quantize_handoff(list(self.float_nodes), list(self.int16_tensors))
-        return PassResult(model=out, modified=modified, layers=records,
-                          lossless=modified and all_exact, info=info_out)
+        handoff = {k: v for k, v in (("float_nodes", float_nodes), ("int16_tensors", int16_tensors)) if v}
+        info_out.update({k: list(v) for k, v in handoff.items()})
+        return PassResult(model=out, modified=modified, layers=records, lossless=modified and all_exact,
+                          info=info_out, handoff=handoff)
 
     # ------------------------------------------------------------------------------------------ numerics
     def _tensor(self, info: ConvInfo) -> np.ndarray:
@@ -238,39 +304,31 @@ class CPPass(Pass):
 
     def _tucker2_fallback(self, g, node, info: ConvInfo, rec: LayerRecord, p_chain: int) -> bool:
         """Replace the layer by Tucker2 with the largest proportional ranks whose chain fits in p_chain."""
-        from ..decompose.allocate import tucker2_params as t2p
-        from ..planning import layer_spec
-
-        sp = layer_spec(info)
+        k = int(np.prod(info.kernel))
         bias = info.T if info.has_bias else 0
         best = None
         for r3 in range(1, info.S + 1):   # largest r3 (r4 ∝ T/S) under the CP budget
             r4 = max(1, min(info.T, int(round(r3 * info.T / info.S))))
-            if t2p(sp.T, sp.S, sp.K, r3, r4) + bias <= p_chain:
+            if tucker2_params(info.T, info.S, k, r3, r4) + bias <= p_chain:
                 best = (r3, r4)
         if best is None:
             return False
         r3, r4 = best
         res = tucker2(info.weight, r3, r4, n_iter_max=10)
-        Tucker2Pass._replace(g, node, info, res)
-        k = int(np.prod(info.kernel))
         rec.method = "tucker2"
         rec.ranks = [r3, r4]
-        rec.params_after = tucker2_params(info.T, info.S, k, r3, r4) + bias
-        rec.macs_after = tucker2_macs(info, r3, r4)
+        rec.new_nodes = replace_with_convs(g, node, tucker2_chain_weights(res, info),
+                                           info.bias if info.has_bias else None)
+        rec.params_after = TUCKER2_COST.params(info, (r3, r4))
+        rec.macs_after = TUCKER2_COST.macs(info, (r3, r4))
         rec.weight_rel_error = res.rel_error
-        rec.new_nodes = [f"{node.name}/t2_in", f"{node.name}/t2_core", f"{node.name}/t2_out"]
         return True
 
     # ------------------------------------------------------------------------------------------ graph
-    def _replace(self, g: gs.Graph, node: gs.Node, info: ConvInfo, ws: list[np.ndarray]) -> list[str]:
+    def _replace(self, g, node, info: ConvInfo, ws: list[np.ndarray]) -> list[str]:
         dt = info.weight.dtype
         nd = len(info.kernel)
-        x, y = node.inputs[0], node.outputs[0]
-        names = [f"{node.name}/{s}" for s in _suffixes(self.variant)]
         r = ws[0].shape[0]
-        ones = [1] * nd
-        pw = {"kernel_shape": ones, "strides": ones, "pads": [0] * (2 * nd), "dilations": ones, "group": 1}
         if self.variant == "cp4":
             (sh, sw), (dh, dw) = info.strides, info.dilations
             top, left, bottom, right = info.pads
@@ -282,23 +340,11 @@ class CPPass(Pass):
         else:
             mids = [{"kernel_shape": list(info.kernel), "strides": list(info.strides), "pads": list(info.pads),
                      "dilations": list(info.dilations), "group": r}]
-        attrs = [pw] + mids + [pw]
+        attrs = [pointwise_attrs(nd)] + mids + [pointwise_attrs(nd)]
         if nd != 2:   # CP3 on 1-D / 3-D kernels: reshape the 1×1 weights
             ws = [ws[0].reshape((r, info.S) + (1,) * nd)] + ws[1:-1] + [ws[-1].reshape((info.T, r) + (1,) * nd)]
-        cur = x
-        new = []
-        for i, (nm, a, w) in enumerate(zip(names, attrs, ws)):
-            last = i == len(names) - 1
-            out = y if last else gs.Variable(f"{nm}_out", dtype=x.dtype)
-            ins = [cur, gs.Constant(f"{nm}_W", np.ascontiguousarray(w, dtype=dt))]
-            if last and info.has_bias:
-                ins.append(gs.Constant(f"{nm}_B", np.asarray(info.bias, dtype=dt)))
-            new.append(gs.Node("Conv", nm, attrs=dict(a), inputs=ins, outputs=[out]))
-            cur = out
-        node.inputs.clear()
-        node.outputs.clear()
-        g.nodes.extend(new)
-        return names
+        convs = [(sfx, a, np.asarray(w, dtype=dt)) for sfx, a, w in zip(_suffixes(self.variant), attrs, ws)]
+        return replace_with_convs(g, node, convs, info.bias if info.has_bias else None)
 
     # ------------------------------------------------------------------------------------------ data
     def _activations(self, model: onnx.ModelProto, chains: dict[str, list[str]], records: list[LayerRecord]):
@@ -308,7 +354,7 @@ class CPPass(Pass):
             return model, []
         tensors = [t for mids in chains.values() for t in mids]
         try:
-            stats = measure_channel_ranges(model, tensors, self.calibration())
+            stats = channel_ranges(model, tensors, self.calibration)
         except Exception as e:  # measurement is best effort: the chain itself is already verified
             return model, [f"could not measure CP activation ranges on ORT: {str(e).splitlines()[0][:200]}"]
         by_name = {r.name: r for r in records}
@@ -349,36 +395,6 @@ def _init_array(model: onnx.ModelProto, name: str) -> np.ndarray:
         if t.name == name:
             return numpy_helper.to_array(t)
     raise KeyError(name)
-
-
-def measure_channel_ranges(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[dict]
-                           ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per-channel (axis 1) min and max of `tensors` over all batches, measured on ORT CPU."""
-    from ..evaluate import make_session
-
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for t in tensors:
-        if t not in have:
-            m.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-    sess = make_session(m, "cpu", optimize=False)
-    names = [o.name for o in sess.get_outputs()]
-    idx = [names.index(t) for t in tensors]
-    lo: dict[str, np.ndarray] = {}
-    hi: dict[str, np.ndarray] = {}
-    n = 0
-    for feed in feeds:
-        outs = sess.run(None, feed)
-        n += 1
-        for t, i in zip(tensors, idx):
-            a = np.moveaxis(np.asarray(outs[i], dtype=np.float64), 1, 0).reshape(outs[i].shape[1], -1)
-            mn, mx = a.min(axis=1), a.max(axis=1)
-            lo[t] = mn if t not in lo else np.minimum(lo[t], mn)
-            hi[t] = mx if t not in hi else np.maximum(hi[t], mx)
-    if n == 0:
-        raise ValueError("no calibration batches")
-    return {t: (lo[t], hi[t]) for t in tensors}
 
 
 def data_equalization_scales(stats: list[tuple[np.ndarray, np.ndarray]], w_last: np.ndarray) -> list[np.ndarray]:
@@ -445,6 +461,19 @@ def apply_activation_scales(model: onnx.ModelProto, chains: dict[str, list[str]]
     return m
 
 
-def float_node_globs(names: list[str]) -> list[str]:
-    """Exact node names as fnmatch globs (escape [, ], *, ?)."""
-    return [glob.escape(n) for n in names]
+def _builder(variant: str):
+    def build(policy, w: Wiring) -> CPPass:
+        r = w.recipe
+        int8 = w.quantized == "int8"
+        eq = r.cp_equalize or ("data" if w.calibration is not None and w.calibration_real else "data-free")
+        if eq == "data" and w.calibration is None:
+            w.warnings.append("--cp-equalize data needs --calibration data: used data-free equalisation")
+            eq = "data-free"
+        return CPPass(policy, w.shapes, variant=variant, use_epc=r.cp_epc if r.cp_epc is not None else int8,
+                      balance=r.cp_balance, equalize=eq, calibration=w.calibration, int8=int8,
+                      fallback=r.cp_fallback, kappa_max=r.cp_kappa_max, seed=r.seed)
+    return build
+
+
+CP4 = Method("cp4", CP4_COST, _builder("cp4"))
+CP3 = Method("cp3", CP3_COST, _builder("cp3"))

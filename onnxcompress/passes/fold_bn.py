@@ -5,16 +5,16 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..graph import constant_value
-from ._gs import export_graph, import_graph
-from .base import LayerRecord, Pass, PassResult
+from ..ir.layers import constant_value
+from ..ir.surgery import export_graph, import_graph
+from .base import LayerRecord, Pass, PassContext, PassResult
 
 
 class FoldBatchNorm(Pass):
     name = "FoldBatchNorm"
     lossless = True
 
-    def run(self, model: onnx.ModelProto, progress=None) -> PassResult:
+    def run(self, model: onnx.ModelProto, ctx: PassContext | None = None) -> PassResult:
         g = import_graph(model)
         outputs = set(id(t) for t in g.outputs)
         records: list[LayerRecord] = []

@@ -1,0 +1,186 @@
+"""Loading and saving models safely: clear errors for bad files, atomic writes, external data."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from ..errors import UserError
+
+_TWO_GB = 2**31 - 1
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load an ONNX file (with its external data) or raise a one-line UserError."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"no such file: {p}")
+    if p.is_dir():
+        raise UserError(f"{p} is a folder, not an ONNX file")
+    if p.stat().st_size == 0:
+        raise UserError(f"{p} is empty")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError, OSError) as e:
+        raise UserError(f"{p} is not a readable ONNX model ({type(e).__name__}: {_first_line(e)})") from e
+    except Exception as e:  # protobuf raises various things on garbage
+        raise UserError(f"{p} is not a readable ONNX model ({type(e).__name__})") from e
+    if not model.graph.node and not model.graph.output:
+        raise UserError(f"{p} is not an ONNX model (empty graph; truncated or another format?)")
+    _check_external_locations(model, p.parent)
+    if _uses_external_data(model):
+        try:
+            onnx.load_external_data_for_model(model, str(p.parent))
+        except Exception as e:
+            raise UserError(f"{p}: cannot load its external data ({_first_line(e)})") from e
+    return model
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0][:200] if s else type(e).__name__
+
+
+def _uses_external_data(model: onnx.ModelProto) -> bool:
+    return any(
+        t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(model)
+    )
+
+
+def _all_tensors(model: onnx.ModelProto):
+    from onnx.external_data_helper import _get_all_tensors
+
+    return _get_all_tensors(model)
+
+
+def _check_external_locations(model: onnx.ModelProto, base: Path) -> None:
+    """Refuse external-data locations that escape the model's folder (absolute paths, '..')."""
+    base = base.resolve()
+    for t in _all_tensors(model):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        loc = next((e.value for e in t.external_data if e.key == "location"), "")
+        if not loc or os.path.isabs(loc) or ".." in Path(loc).parts:
+            raise UserError(f"refusing external data location {loc!r} of tensor {t.name!r}: it escapes the model folder")
+        if not (base / loc).resolve().is_relative_to(base):
+            raise UserError(f"refusing external data location {loc!r} of tensor {t.name!r}: it escapes the model folder")
+
+
+def check_output_path(out: str | os.PathLike, inputs: list[str | os.PathLike]) -> Path:
+    """Validate an output path before any work: not an input, folder exists and is writable."""
+    o = Path(out)
+    for i in inputs:
+        ip = Path(i)
+        if ip.exists() and (o.resolve() == ip.resolve()):
+            raise UserError(f"output path {o} is the input model: refusing to overwrite it")
+    parent = o.parent if str(o.parent) else Path(".")
+    if not parent.exists():
+        raise UserError(f"output folder {parent} does not exist")
+    if not parent.is_dir():
+        raise UserError(f"output folder {parent} is not a folder")
+    try:  # probe for real: os.access says yes to root even where the filesystem refuses
+        fd, probe = tempfile.mkstemp(prefix=".onnxcompress-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"output folder {parent} is not writable ({e.strerror})") from None
+    if o.is_dir():
+        raise UserError(f"output path {o} is a folder")
+    return o
+
+
+def external_data_files(path: str | os.PathLike) -> list[Path]:
+    """The external data files an ONNX file refers to (existing ones, each once)."""
+    p = Path(path)
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not a readable model: no external data to count
+        return []
+    out = []
+    for t in _all_tensors(model):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        loc = next((e.value for e in t.external_data if e.key == "location"), "")
+        f = p.parent / loc
+        if loc and f.is_file() and f not in out:
+            out.append(f)
+    return out
+
+
+def uses_external_data(path: str | os.PathLike) -> bool:
+    """Whether the ONNX file at `path` keeps tensors in external data files."""
+    try:
+        return _uses_external_data(onnx.load(str(path), load_external_data=False))
+    except Exception:
+        return False
+
+
+def save_model_atomic(model: onnx.ModelProto, out: str | os.PathLike, external: bool | None = None) -> Path:
+    """Write `model` to `out` through a temp file in the same folder and an atomic rename.
+
+    With external data (`external=True`, or automatically for models over 2 GB) the tensors go to
+    `<name>.data` next to the output.
+    """
+    o = Path(out)
+    parent = o.parent if str(o.parent) else Path(".")
+    big = model.ByteSize() > _TWO_GB if _fits_bytesize(model) else True
+    big = big or bool(external)
+    fd, tmp = tempfile.mkstemp(prefix=f".{o.name}.", suffix=".tmp", dir=parent)
+    os.close(fd)
+    tmp_data = None
+    try:
+        if big:
+            m = onnx.ModelProto()
+            m.CopyFrom(model)  # onnx.save_model rewrites tensors to external references in place
+            model = m
+            data_name = o.name + ".data"
+            tmp_data = parent / f".{data_name}.tmp"
+            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=tmp_data.name, size_threshold=1024)
+            # the proto names the temp data file; rewrite the location to the final one
+            m2 = onnx.load(tmp, load_external_data=False)
+            for t in _all_tensors(m2):
+                for e in t.external_data:
+                    if e.key == "location":
+                        e.value = data_name
+            onnx.save_model(m2, tmp)
+            os.replace(tmp_data, parent / data_name)
+            tmp_data = None
+        else:
+            with open(tmp, "wb") as f:
+                f.write(model.SerializeToString())
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, o)
+    except BaseException:
+        for p in (tmp, tmp_data):
+            if p is not None and os.path.exists(p):
+                os.unlink(p)
+        raise
+    return o
+
+
+def _fits_bytesize(model: onnx.ModelProto) -> bool:
+    try:
+        model.ByteSize()
+        return True
+    except Exception:
+        return False
+
+
+def write_text_atomic(text: str, out: str | os.PathLike) -> Path:
+    o = Path(out)
+    parent = o.parent if str(o.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{o.name}.", suffix=".tmp", dir=parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, o)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return o

@@ -1,0 +1,76 @@
+"""ONNX Runtime sessions per provider (the one place sessions are made), provider availability, and random
+feeds for verification and timing."""
+from __future__ import annotations
+
+
+import numpy as np
+import onnx
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+             "tensorrt": "TensorrtExecutionProvider"}
+
+
+class ProviderUnavailable(RuntimeError):
+    """The requested execution provider cannot run here; the message says why."""
+
+
+def provider_status(provider: str) -> str | None:
+    """None when `provider` can run here, else the reason it cannot."""
+    import onnxruntime as ort
+
+    ep = PROVIDERS.get(provider)
+    if ep is None:
+        return f"unknown provider {provider!r} (choose from {', '.join(PROVIDERS)})"
+    if ep not in ort.get_available_providers():
+        pkg = "onnxruntime-gpu" if provider in ("cuda", "tensorrt") else "onnxruntime"
+        return f"{ep} is not available in this onnxruntime build (install {pkg} on a machine with a GPU)"
+    return None
+
+
+def make_session(model: onnx.ModelProto | str, provider: str = "cpu", threads: int | None = None,
+                 optimize: bool = True, lean: bool = False):
+    """An ORT session. `lean`: for one-off checks (verification, fidelity), not timing: no weight
+    pre-packing and no memory arena, which keeps peak memory near one copy of the weights."""
+    import onnxruntime as ort
+
+    why = provider_status(provider)
+    if why:
+        raise ProviderUnavailable(why)
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if lean:
+        so.enable_cpu_mem_arena = False
+        so.enable_mem_pattern = False
+        so.add_session_config_entry("session.disable_prepacking", "1")
+    data = model if isinstance(model, str) else model.SerializeToString()
+    providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
+    return ort.InferenceSession(data, so, providers=providers)
+
+
+def random_feeds(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], seed: int = 0,
+                 integers: str = "zeros") -> dict:
+    """Seeded inputs for every graph input at `shapes`: N(0, 1) floats; integer inputs zeros
+    (`integers="zeros"`, safe for index-like inputs) or uniform in the int8/uint8 range (`"random"`, for
+    quantized inputs being timed)."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    inits = {i.name for i in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        dt = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+        shp = shapes[vi.name]
+        if np.issubdtype(dt, np.floating):
+            feeds[vi.name] = rng.standard_normal(shp).astype(dt)
+        elif integers == "random" and np.issubdtype(dt, np.integer):
+            info = np.iinfo(dt)
+            lo, hi = max(int(info.min), -128), min(int(info.max), 255)
+            feeds[vi.name] = rng.integers(lo, hi + 1, size=shp).astype(dt)
+        else:
+            feeds[vi.name] = np.zeros(shp, dtype=dt)
+    return feeds

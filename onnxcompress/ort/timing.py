@@ -1,0 +1,290 @@
+"""Latency of ONNX models on ONNX Runtime, measured side by side.
+
+Every model is loaded into one session per provider once, in one process; after a warm-up the runs are
+interleaved round-robin (the starting model rotates every round) so that drift of the machine — other
+jobs, clocks, caches — hits all models alike. Reported per model: median, p90, mean and min latency in
+milliseconds, and the speedup against the first model (``t_first / t_model``, so > 1 means faster).
+
+A provider that cannot run here (no onnxruntime-gpu, no GPU) is listed as skipped with its reason.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+
+from .._json import json_clean
+from ..ir.shapes import input_shapes
+from .session import PROVIDERS, ProviderUnavailable, make_session, provider_status, random_feeds
+
+Clock = Callable[[], float]
+
+
+@dataclass
+class ModelTiming:
+    name: str
+    median_ms: float | None = None
+    p90_ms: float | None = None
+    mean_ms: float | None = None
+    min_ms: float | None = None
+    runs: int = 0
+    speedup: float | None = None        # t_first / t_this (the first model is 1.0)
+    error: str | None = None            # why this model could not run on this provider
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ProviderBench:
+    provider: str
+    skipped: str | None = None          # reason, when the provider cannot run here
+    models: list[ModelTiming] = field(default_factory=list)
+    note: str | None = None
+
+
+@dataclass
+class BenchReport:
+    threads: int | None
+    warmup: int
+    runs: int
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    providers: list[ProviderBench] = field(default_factory=list)
+    method: str = ("one process, sessions built once, warm-up then runs interleaved round-robin "
+                   "(start rotates each round); speedup = median(first model) / median(model)")
+
+    def to_dict(self) -> dict:
+        return json_clean(asdict(self))
+
+    def provider(self, name: str) -> ProviderBench | None:
+        return next((p for p in self.providers if p.provider == name), None)
+
+    def table(self) -> str:
+        lines = [f"threads {self.threads if self.threads else 'ORT default'}, warm-up {self.warmup}, "
+                 f"{self.runs} interleaved runs per model"]
+        for p in self.providers:
+            if p.skipped:
+                lines.append(f"[{p.provider}] skipped: {p.skipped}")
+                continue
+            lines.append(f"[{p.provider}]" + (f"  note: {p.note}" if p.note else ""))
+            rows = [("model", "median ms", "p90 ms", "min ms", "speedup")]
+            for m in p.models:
+                if m.error:
+                    rows.append((m.name, "-", "-", "-", f"error: {m.error}"))
+                else:
+                    rows.append((m.name, f"{m.median_ms:.3f}", f"{m.p90_ms:.3f}", f"{m.min_ms:.3f}",
+                                 "-" if m.speedup is None else f"{m.speedup:.2f}x"))
+            widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+            for j, r in enumerate(rows):
+                lines.append("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                               for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+                if j == 0:
+                    lines.append("  " + "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ timing core
+def percentile(xs: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (q in [0, 100]) of a non-empty sequence."""
+    return float(np.percentile(np.asarray(xs, dtype=np.float64), q))
+
+
+def time_interleaved(runners: Sequence[Callable[[], object]], warmup: int = 3, runs: int = 10,
+                     clock: Clock = time.perf_counter) -> list[list[float]]:
+    """Run each callable `warmup` times, then `runs` rounds of one call each, round-robin with a rotating
+    start. Returns the per-call times in seconds, one list per runner."""
+    n = len(runners)
+    for _ in range(max(warmup, 0)):
+        for r in runners:
+            r()
+    times: list[list[float]] = [[] for _ in range(n)]
+    for k in range(max(runs, 1)):
+        for j in range(n):
+            i = (j + k) % n
+            t0 = clock()
+            runners[i]()
+            times[i].append(clock() - t0)
+    return times
+
+
+def summarize(name: str, seconds: Sequence[float]) -> ModelTiming:
+    ms = [s * 1e3 for s in seconds]
+    return ModelTiming(name=name, median_ms=statistics.median(ms), p90_ms=percentile(ms, 90),
+                       mean_ms=statistics.fmean(ms), min_ms=min(ms), runs=len(ms))
+
+
+# ------------------------------------------------------------------------------------------ feeds
+def model_feeds(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None,
+                seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, ...]]]:
+    """Random inputs for `model`: its static shapes, a dynamic batch dim as 1, `shapes` overriding."""
+    shp = input_shapes(model, {k: tuple(v) for k, v in (shapes or {}).items()}, default_batch=1)
+    return random_feeds(model, shp, seed, integers="random"), shp
+
+
+def _load(m) -> tuple[str, onnx.ModelProto | str]:
+    if isinstance(m, onnx.ModelProto):
+        return (m.graph.name or "model"), m
+    p = Path(m)
+    return p.name, str(p)
+
+
+# ------------------------------------------------------------------------------------------ bench
+def bench(models: Sequence, providers: Sequence[str] = ("cpu",), threads: int | None = 1, warmup: int = 5,
+          runs: int = 20, input_shape: dict[str, Sequence[int]] | None = None,
+          names: Sequence[str] | None = None, seed: int = 0, clock: Clock = time.perf_counter,
+          optimize: bool = True) -> BenchReport:
+    """Median / p90 latency of each model (paths or ModelProtos) on each provider, interleaved.
+
+    All models get the same random feeds when their inputs agree (shapes from the first model, dynamic
+    batch = 1 unless `input_shape` pins it). `threads`: ORT intra-op threads (None = ORT's default)."""
+    if not models:
+        raise ValueError("bench needs at least one model")
+    loaded = [_load(m) for m in models]
+    labels = list(names) if names is not None else _unique([n for n, _ in loaded])
+    if len(labels) != len(loaded):
+        raise ValueError(f"{len(labels)} names for {len(loaded)} models")
+    protos = [m if isinstance(m, onnx.ModelProto) else onnx.load(m, load_external_data=False) for _, m in loaded]
+    feeds0, shp0 = model_feeds(protos[0], input_shape, seed)
+    feeds = []
+    for p in protos:
+        f, _ = model_feeds(p, input_shape, seed)
+        same = set(f) == set(feeds0) and all(f[k].shape == feeds0[k].shape and f[k].dtype == feeds0[k].dtype
+                                             for k in f)
+        feeds.append(feeds0 if same else f)
+    rep = BenchReport(threads=threads, warmup=warmup, runs=runs,
+                      input_shapes={k: list(v) for k, v in shp0.items()})
+    for prov in providers:
+        why = provider_status(prov)
+        pb = ProviderBench(provider=prov, skipped=why)
+        rep.providers.append(pb)
+        if why:
+            continue
+        if prov == "cuda":
+            pb.note = ("host->device copies included in each run; INT8 QDQ models run as simulated "
+                       "quantization on the CUDA EP (Q/DQ around float kernels): not an INT8 speed figure")
+        elif prov == "tensorrt":
+            pb.note = "host->device copies included in each run; TensorRT engines are built at session creation"
+        sessions, timings = [], []
+        for label, (_, m) in zip(labels, loaded):
+            t = ModelTiming(name=label)
+            try:
+                s = make_session(m, prov, threads=threads, optimize=optimize)
+                if fell_back(s, prov):
+                    s = None
+                    t.error = (f"the {prov} session fell back to CPUExecutionProvider (its provider library "
+                               f"did not load: CUDA/cuDNN libraries missing?); not timed as {prov}")
+                sessions.append(s)
+            except ProviderUnavailable as e:
+                t.error = str(e)
+                sessions.append(None)
+            except Exception as e:  # noqa: BLE001 - a model that does not load is reported, not fatal
+                t.error = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                sessions.append(None)
+            timings.append(t)
+        live = [i for i, s in enumerate(sessions) if s is not None]
+        runners = [(lambda s=sessions[i], f=feeds[i]: s.run(None, f)) for i in live]
+        for i in live:  # a model that fails at run time is reported, not fatal
+            try:
+                runners[live.index(i)]()
+            except Exception as e:  # noqa: BLE001
+                timings[i].error = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        ok = [i for i in live if timings[i].error is None]
+        res = time_interleaved([runners[live.index(i)] for i in ok], warmup, runs, clock)
+        for i, secs in zip(ok, res):
+            t = summarize(labels[i], secs)
+            timings[i] = t
+        first = timings[0]
+        for t in timings:
+            if first.median_ms and t.median_ms:
+                t.speedup = first.median_ms / t.median_ms
+        pb.models = timings
+    return rep
+
+
+def fell_back(session, provider: str) -> bool:
+    """True when a session made for `provider` runs on the CPU only (ORT falls back when e.g. the CUDA
+    provider's libraries fail to load)."""
+
+    if provider == "cpu":
+        return False
+    try:
+        return PROVIDERS[provider] not in session.get_providers()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _unique(names: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        if n in seen:
+            seen[n] += 1
+            out.append(f"{n}#{seen[n]}")
+        else:
+            seen[n] = 1
+            out.append(n)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ pipeline hook
+def stage_latency(stages: Sequence[tuple[str, onnx.ModelProto]], provider: str = "cpu",
+                  threads: int | None = 1, warmup: int = 3, runs: int = 15,
+                  input_shape: dict[str, Sequence[int]] | None = None, seed: int = 0) -> dict:
+    """Latency of the models after each pipeline stage (the first is the input model), measured side by
+    side; `speedup` is the last stage against the first. The dict goes into the report under `latency`."""
+    rep = bench([m for _, m in stages], [provider], threads=threads, warmup=warmup, runs=runs,
+                input_shape=input_shape, names=[n for n, _ in stages], seed=seed)
+    pb = rep.providers[0]
+    out = {"provider": provider, "threads": threads, "warmup": warmup, "runs": runs,
+           "input_shapes": rep.input_shapes, "method": rep.method, "stages": [m.to_dict() for m in pb.models],
+           "speedup": None}
+    if pb.skipped:
+        out["skipped"] = pb.skipped
+        return out
+    if pb.note:
+        out["note"] = pb.note
+    last = pb.models[-1]
+    out["speedup"] = last.speedup
+    out["median_ms_before"] = pb.models[0].median_ms
+    out["median_ms_after"] = last.median_ms
+    return out
+
+
+# ------------------------------------------------------------------------------------------ kernels
+FLOAT_CONV = {"Conv", "FusedConv", "NhwcFusedConv", "ConvTranspose"}
+INT_CONV = {"QLinearConv", "ConvInteger", "NhwcQLinearConv"}
+FLOAT_ADD = {"Add", "Sum"}
+INT_ADD = {"QLinearAdd"}
+
+
+def ort_kernels(model, provider: str = "cpu", threads: int | None = 1) -> dict:
+    """Which kernels ORT actually runs: the op types of the graph after ORT's own optimizations (all
+    levels, as a session would run it), with Conv and Add split into integer and float kernels.
+    A float FusedConv that absorbed a residual Add counts that Add as float."""
+    import collections
+    import tempfile
+
+    import onnxruntime as ort
+
+
+    with tempfile.TemporaryDirectory(prefix="onnxcompress-k-") as td:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            so.intra_op_num_threads = threads
+        so.optimized_model_filepath = str(Path(td) / "opt.onnx")
+        data = model if isinstance(model, str) else model.SerializeToString()
+        ort.InferenceSession(data, so, providers=[PROVIDERS[provider]])
+        opt = onnx.load(str(Path(td) / "opt.onnx"), load_external_data=False)
+    ops = collections.Counter(n.op_type for n in opt.graph.node)
+    fused_adds = sum(1 for n in opt.graph.node if n.op_type in FLOAT_CONV  # Z / Sum input: a fused Add
+                     and len(n.input) > 3 and n.input[3])
+    return {"ops": dict(ops),
+            "conv_int": sum(ops[o] for o in INT_CONV), "conv_float": sum(ops[o] for o in FLOAT_CONV),
+            "add_int": sum(ops[o] for o in INT_ADD), "add_float": sum(ops[o] for o in FLOAT_ADD) + fused_adds}

@@ -1,0 +1,129 @@
+"""PassManager: runs passes in order, times each, and verifies after each one that changed the model:
+onnx.checker with full shape inference, ONNX Runtime loads and runs it, no new NaN/Inf, and — for passes that
+declare themselves lossless — outputs equal to the previous model's within `rtol`. Hand-offs of each result
+reach later passes through the shared PassContext. A manager can run several batches of passes on one model
+(e.g. the lossless clean-up, then, after planning, the compression passes); records accumulate."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+
+from ..errors import UserError, VerificationError
+from ..ort.fidelity import rel_error
+from ..ort.session import make_session, random_feeds
+from .base import Pass, PassContext, PassRecord, PassResult, Progress
+
+LOSSLESS_RTOL = 1e-4
+
+
+class PassManager:
+    def __init__(self, shapes: dict[str, tuple[int, ...]], verify: bool = True, rtol: float = LOSSLESS_RTOL,
+                 progress: Progress | None = None, seed: int = 0, keep_models: bool = True):
+        self.shapes = shapes
+        self.verify = verify
+        self.rtol = rtol
+        self.seed = seed
+        self.keep_models = keep_models   # False: drop each intermediate model once the next pass has run
+        self.ctx = PassContext(progress=progress)
+        self.records: list[PassRecord] = []
+        self.results: list[tuple[Pass, PassResult]] = []
+        self._feeds = None
+        self._prev_out = None
+
+    def run(self, model: onnx.ModelProto, passes: Sequence[Pass]) -> onnx.ModelProto:
+        """Run `passes` on `model`; returns the last model. Raises VerificationError naming the pass (and the
+        layer, when one layer was rewritten) whose output fails a check."""
+        if self.verify and self._feeds is None:
+            self._feeds = random_feeds(model, self.shapes, self.seed)
+            self._prev_out = self._outputs(model, "input model")
+        for p in passes:
+            self.ctx.note(f"pass {p.name}")
+            t0 = time.perf_counter()
+            res = p.run(model, self.ctx)
+            seconds = time.perf_counter() - t0
+            ver: dict = {}
+            if res.modified and self.verify:
+                ver = self._verify(p, res)
+            self.records.append(PassRecord(name=p.name, seconds=round(seconds, 4), modified=res.modified,
+                                           lossless=res.lossless, verified=ver))
+            self.ctx.absorb(res)
+            if not self.keep_models and self.results and self.results[-1][1].model is not res.model:
+                self.results[-1][1].model = None
+            self.results.append((p, res))
+            model = res.model
+            release_memory()
+        return model
+
+    def _outputs(self, model, what: str, pass_name: str = "load"):
+        try:
+            sess = make_session(model, "cpu", lean=True)
+            out = sess.run(None, self._feeds)
+            del sess
+            release_memory()
+            return out
+        except Exception as e:
+            if pass_name == "load":
+                raise UserError(f"ONNX Runtime cannot run the input model: {_line(e)}") from e
+            raise VerificationError(pass_name, f"ONNX Runtime cannot run the {what}: {_line(e)}") from e
+
+    def _verify(self, p: Pass, res: PassResult) -> dict:
+        changed = [l.name for l in res.layers if l.skipped is None]
+        layer = changed[0] if len(changed) == 1 else None
+        t0 = time.perf_counter()
+        try:
+            check_model(res.model)
+        except Exception as e:
+            raise VerificationError(p.name, f"onnx.checker: {_line(e)}", layer) from e
+        out = self._outputs(res.model, "rewritten model", p.name)
+        prev = self._prev_out
+        ver = {"checker": True, "ort_runs": True}
+        if prev is not None and all(np.all(np.isfinite(o)) for o in prev if np.issubdtype(o.dtype, np.floating)):
+            bad = [i for i, o in enumerate(out) if np.issubdtype(o.dtype, np.floating) and not np.all(np.isfinite(o))]
+            if bad:
+                raise VerificationError(p.name, f"output {bad[0]} holds NaN/Inf after the pass", layer)
+        if res.lossless and prev is not None:
+            errs = [rel_error(a, b) for a, b in zip(prev, out) if np.issubdtype(np.asarray(a).dtype, np.floating)]
+            worst = max(errs) if errs else 0.0
+            ver["max_rel_error_vs_previous"] = worst
+            if worst > self.rtol:
+                where = layer or (", ".join(changed[:5]) + (" ..." if len(changed) > 5 else ""))
+                raise VerificationError(
+                    p.name, f"lossless pass changed the outputs (relative error {worst:.2e} > {self.rtol:g}); "
+                    f"rewritten layers: {where}", layer)
+        self._prev_out = out
+        ver["seconds"] = round(time.perf_counter() - t0, 4)
+        return ver
+
+
+def release_memory() -> None:
+    """Give freed heap back to the OS after dropping a large object (an ORT session, a model copy): glibc
+    keeps it otherwise, and peak RSS then grows with every pass."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """onnx.checker with full shape inference (through a temporary file for models over 2 GB)."""
+    if model.ByteSize() < 2**31 - 1:
+        onnx.checker.check_model(model, full_check=True)
+    else:
+        import tempfile
+        with tempfile.TemporaryDirectory() as td:
+            p = Path(td) / "m.onnx"
+            onnx.save_model(model, p, save_as_external_data=True, location="m.data")
+            onnx.checker.check_model(str(p), full_check=True)
+
+
+def _line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return (s[0] if s else type(e).__name__)[:300]
