@@ -65,7 +65,7 @@ def _l(x):
 
 
 def render_inspect(facts: dict) -> str:
-    from .report.report import _n
+    from .report.report import _n, wrap_table
 
     rows = [("layer", "op", "weight", "in -> out", "params", "MACs", "decomposable")]
     for l in facts["layers"]:
@@ -73,12 +73,7 @@ def render_inspect(facts: dict) -> str:
         io = f"{'x'.join(map(str, l['input_shape'] or [])) or '?'} -> {'x'.join(map(str, l['output_shape'] or [])) or '?'}"
         dec = l["decomposable"] or f"no: {l['why_not']}"
         rows.append((l["name"], l["op"], shp, io, _n(l["params"]), _n(l["macs"]), dec))
-    widths = [min(max(len(str(r[i])) for r in rows), 40) for i in range(len(rows[0]) - 1)]
-    lines = []
-    for j, r in enumerate(rows):
-        lines.append("  ".join(str(c)[:40].ljust(w) for c, w in zip(r[:-1], widths)) + "  " + str(r[-1]))
-        if j == 0:
-            lines.append("-" * (sum(widths) + 2 * len(widths) + 12))
+    lines = wrap_table(rows)
     t = facts["totals"]
     lines.append(f"{len(facts['layers'])} layers, {t['decomposable']} decomposable; "
                  f"params {_n(t['params'])}, MACs {_n(t['macs'])}; inputs {facts['inputs'] or 'dynamic'}")

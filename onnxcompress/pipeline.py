@@ -1,6 +1,9 @@
-"""optimize(): Recipe → clean-up passes → planner (one for every method, over the registry's cost models) →
-latency guard → decomposition and quantization passes (PassManager, verified after every pass) → fidelity →
-gates → Report."""
+"""optimize(): Recipe → clean-up passes → plan → decomposition and quantization passes (PassManager, verified
+after every pass) → fidelity on held-apart data, whole-model latency and size against the input → floors,
+gates → Report.
+
+The plan comes from the planner (explicit recipes: one planner for every method, over the registry's cost
+models, then the latency guard) or from the auto search (`--method auto`, onnxcompress.auto.driver)."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +14,9 @@ from typing import Callable
 import onnx
 
 from ._version import __version__
+from .auto.budget import degenerate_outputs, floor_warnings
 from .data import feeds_factory, inputs_for_model, open_for_model
+from .data.datasets import RandomInputs, split_holdout
 from .errors import UserError
 from .ir.counts import has_quantized_ops, model_bytes, model_macs, model_params
 from .ir.layers import collect_layers, layer_kernel, nested_compute_nodes
@@ -27,6 +32,8 @@ from .report.report import Gate, Report
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
+#: without calibration data, a decomposition must keep the output this close on synthetic inputs
+SYNTHETIC_FLOOR_DB = 40.0
 
 
 @dataclass
@@ -39,8 +46,7 @@ class Result:
         return self.report.passed
 
     def save(self, path, report: str | Path | None = None, external: bool | None = None) -> Path:
-        """Write the model atomically (never onto an existing input: use another path) and, with `report`,
-        the JSON report beside it."""
+        """Write the model atomically and, with `report`, the JSON report beside it."""
         from .ir.modelio import save_model_atomic, write_text_atomic
 
         out = save_model_atomic(self.model, path, external=external)
@@ -53,15 +59,15 @@ def optimize(model: str | Path | onnx.ModelProto, recipe: Recipe | None = None, 
              eval_data=None, progress: Progress | None = None) -> Result:
     """Compress `model` by `recipe`. `calibration` / `eval_data` override the recipe's data sources (a path,
     'random', or an already opened dataset). Returns the optimized model and its report; gates that fail
-    mark `report.passed = False` (the model is still returned)."""
+    (and, with `strict`, warnings) mark `report.passed = False` (the model is still returned)."""
     from .decompose._blas import one_blas_thread
 
     with one_blas_thread():   # the numerics run single-threaded BLAS; ORT keeps its own threads
-        return _Run(recipe, calibration, eval_data, progress).optimize(model)
+        return Run(recipe, calibration, eval_data, progress).optimize(model)
 
 
-class _Run:
-    """One optimize call: the recipe, its data sources (opened once, when first needed), the report."""
+class Run:
+    """One optimize call: the recipe, its data (opened once, before any work), the report."""
 
     def __init__(self, recipe, calibration, eval_data, progress):
         self.recipe = (recipe or Recipe()).validate()
@@ -69,7 +75,7 @@ class _Run:
         self.eval_src = eval_data if eval_data is not None else self.recipe.eval_data
         self.progress = progress
         self.report = Report(recipe=self.recipe.to_dict(), versions=_versions())
-        self._calib = None
+        self.data_aware = None
 
     def note(self, msg: str) -> None:
         if self.progress:
@@ -80,62 +86,98 @@ class _Run:
         return open_for_model(src, self.model, self.shapes, preprocess=self.recipe.preprocess,
                               labels=self.recipe.labels, limit=limit, seed=self.recipe.seed)
 
-    def calibration(self, required_for: str | None = None):
-        """The calibration dataset (opened once), or None when none was given and `required_for` is None."""
-        if self._calib is None:
-            src = self.calibration_src
-            if src is None:
-                if required_for is None:
-                    return None
-                src = "random"
-            self._calib = self.open(src, self.recipe.calibration_samples)
-        return self._calib
+    def open_data(self) -> None:
+        """calib: what INT8 calibration, data-aware statistics and sensitivity sweeps see; holdout: what the
+        result is judged on — `--eval-data`, else a held-apart split of the calibration data, never the
+        samples the choices were made on. Without any data: synthetic inputs (judged as such)."""
+        r = self.recipe
+        self.explicit_random = isinstance(self.calibration_src, str) and \
+            self.calibration_src.strip().lower() == "random"
+        self.calib_all = self.open(self.calibration_src, r.calibration_samples) \
+            if self.calibration_src is not None else None
+        self.holdout = self.open(self.eval_src, r.eval_samples) if self.eval_src is not None else None
+        self.calib = self.calib_all
+        if self.holdout is None and self.calib_all is not None:
+            self.calib, self.holdout = split_holdout(self.calib_all)
+            if self.holdout is None:
+                self.calib, self.holdout = self.calib_all, self.calib_all
+                self.report.warnings.append(
+                    f"only {len(self.calib_all)} calibration samples and no --eval-data: the result is judged on "
+                    f"the calibration data itself (pass --eval-data or more --calibration-samples)")
+        self.synthetic = self.holdout is None
+        if self.synthetic:
+            self.holdout = RandomInputs(self.model, self.shapes, n=16, seed=r.seed + 1)
+        if self.calib is not None and getattr(self.calib, "kind", "") == "random" and not self.explicit_random:
+            self.calib = None
 
     # ------------------------------------------------------------------------------------------ run
     def optimize(self, model) -> Result:
         r, report = self.recipe, self.report
-        bytes_before = None
+        self.bytes_before = None
         if isinstance(model, (str, Path)):
-            bytes_before = _file_bytes(model)
+            self.bytes_before = _file_bytes(model)
             model = load_model(model)
         if not isinstance(model, onnx.ModelProto):
             raise UserError("model must be a path or an onnx.ModelProto")
         self.model = original = model
-        self.shapes = shapes = input_shapes(model, {k: tuple(v) for k, v in r.input_shape.items()})
-        if not shapes:
+        self.shapes = input_shapes(model, {k: tuple(v) for k, v in r.input_shape.items()})
+        if not self.shapes:
             raise UserError("model has no inputs")
         if r.method != "none" and not any(n.op_type in ("Conv", "Gemm", "MatMul") for n in model.graph.node):
             raise UserError("model has no Conv, Gemm or MatMul node to compress")
         q = has_quantized_ops(model)
-        if q and r.quantize != "none":
+        if q and r.quantize not in ("none", "auto"):
             raise UserError(f"model is already quantized (contains {', '.join(q)}): refusing to re-quantize; "
                             f"use --quantize none to decompose its float layers only")
         if r.data_aware and r.method not in ("tucker2", "svd"):
             raise UserError(f"--data-aware works with --method tucker2 or svd (not {r.method})")
-        # the data sources the user named are opened (and checked) before any work
-        self.calibration()
-        self.eval_ds = self.open(self.eval_src, r.eval_samples) if self.eval_src is not None else None
-
-        pm = PassManager(shapes, verify=r.verify, progress=self.progress, seed=r.seed,
-                         keep_models=r.min_speedup is not None)   # the speedup gate times every stage
+        self.open_data()       # the data sources the user named are opened (and checked) before any work
+        self.already_quantized = bool(q)
+        quant = self.quantization_mode()
+        pm = PassManager(self.shapes, verify=r.verify, progress=self.progress, seed=r.seed)
         clean = pm.run(model, [p() for p in registry.CLEANUP] if r.fold_bn else [])
-        plan, layers = self.plan(clean)
-        passes = self.passes(plan, clean)
-        out = pm.run(clean, passes)
-        report.passes = pm.records
-        self.assemble(original, out, plan, layers, pm, bytes_before)
-        fid = self.measure(original, out, pm)
-        _gates(r, report, fid)
+        self.clean, self.clean_records = clean, list(pm.records)
+        layers = collect_layers(clean, self.shapes)
+        if r.method == "auto":
+            from .auto.driver import optimize_auto
+
+            out, plan, built, extra = optimize_auto(self, original, clean, layers, quant)
+        else:
+            plan = self.plan(clean, layers)
+            out, built = self.build(clean, plan, quant)
+            extra = {}
+        report.passes = self.clean_records + (built.records if built is not None else [])
+        self.assemble(original, out, plan, layers, built, extra)
+        fid = self.judge(original, out, built)
+        _gates(r, report, fid, self.floors)
         return Result(model=out, report=report)
 
-    def plan(self, model: onnx.ModelProto) -> tuple[Plan, list]:
+    def quantization_mode(self) -> str:
+        """int8 | fp16 | none for explicit recipes, and what `--quantize auto` may use ("auto" stays "auto"
+        for the auto search; it needs calibration data)."""
         r = self.recipe
-        layers = collect_layers(model, self.shapes) if r.method != "none" or r.layers else []
+        if r.quantize == "int8" and self.calib is None:
+            raise UserError("--quantize int8 needs calibration data: pass --calibration DIR|FILE (or "
+                            "--calibration random to accept activation ranges from random inputs)")
+        if r.quantize != "auto":
+            return r.quantize
+        if self.already_quantized:
+            return "none"
+        if self.calib is None:
+            self.report.warnings.append(
+                "no calibration data: INT8 stays off and decompositions are judged on synthetic inputs only; "
+                "--calibration DIR|FILE would unlock INT8 (the largest CPU speed-up) and accuracy-budgeted "
+                "factorization")
+            return "none"
+        return "auto" if self.recipe.method == "auto" else "int8"
+
+    def plan(self, model: onnx.ModelProto, layers) -> Plan:
+        r = self.recipe
         planner = Planner(r, registry.cost_models())
         curves = None
-        if r.allocation == "sensitivity" and r.rank is None and layers:
+        if r.allocation == "sensitivity" and r.rank is None and layers and r.method != "none":
             curves = self.sensitivity_curves(model, planner, layers)
-        plan = planner.plan(layers, curves)
+        plan = planner.plan(layers if r.method != "none" or r.layers else [], curves)
         from .planning.latency_guard import guard_for_recipe
 
         guard = guard_for_recipe(r)
@@ -143,11 +185,11 @@ class _Run:
             self.note(f"latency guard: timing {len(plan.planned())} planned layers on {guard.provider}")
             guard.apply(plan, layers, registry.cost_models(), self.progress)
             self.report.latency = {"guard": guard.summary()}
-        return plan, layers
+        return plan
 
     def sensitivity_curves(self, model, planner: Planner, layers) -> dict:
         """Curves from `--sensitivity FILE`, else measured now (one layer at a time, cached on disk) on the
-        calibration (else evaluation, else random) data."""
+        calibration data (else random inputs)."""
         from .planning.sensitivity import curves_from_analysis, load_analysis
 
         r = self.recipe
@@ -162,12 +204,12 @@ class _Run:
                 m, why = planner.method_for(i)
                 if why is None and planner.methods[m].takes(i) is None:
                     wanted.setdefault(m, []).append(i.name)
-            src = self.calibration_src or self.eval_src or "random"
-            samples = min(64, r.calibration_samples or 64)
+            src = self.calib if self.calib is not None else "random"
             self.note("sensitivity curves: one layer at a time on ORT CPU")
-            analysis = analyze(model, src, grid=DEFAULT_GRID, samples=samples, preprocess=r.preprocess,
-                               labels=r.labels, input_shape=r.input_shape or None, quantize=None,
-                               global_curve=False, progress=False, seed=r.seed, methods=wanted, fold_bn=False)
+            analysis = analyze(model, src, grid=DEFAULT_GRID, samples=min(64, r.calibration_samples or 64),
+                               preprocess=r.preprocess, labels=r.labels, input_shape=r.input_shape or None,
+                               quantize=None, global_curve=False, progress=False, seed=r.seed, methods=wanted,
+                               fold_bn=False, jobs=r.resolved_jobs(), executor=r.executor)
             st = analysis["stats"]
             self.report.warnings.append(
                 f"sensitivity curves measured on the fly on {analysis['settings']['data']} "
@@ -176,9 +218,19 @@ class _Run:
         curves, _ = curves_from_analysis(analysis, r.quantize, r.sensitivity_metric, layers=facts)
         return curves
 
-    def passes(self, plan: Plan, model: onnx.ModelProto) -> list:
+    # ------------------------------------------------------------------------------------------ build
+    def build(self, clean: onnx.ModelProto, plan: Plan, quant: str, float_layers=(), verify: bool | None = None):
+        """The model of a plan: the decomposition passes of every planned method, the refit (data-aware), then
+        the quantization (`float_layers` stay out of INT8). Returns (model, PassManager)."""
+        r = self.recipe
+        pm = PassManager(self.shapes, verify=r.verify if verify is None else verify, progress=self.progress,
+                         seed=r.seed, keep_models=r.min_speedup is not None)
+        out = pm.run(clean, self.passes(plan, clean, quant, float_layers))
+        return out, pm
+
+    def passes(self, plan: Plan, model: onnx.ModelProto, quant: str, float_layers=()) -> list:
         r, report = self.recipe, self.report
-        calib = self.calibration("int8" if r.quantize == "int8" else None)
+        calib = self.calib
         if calib is None and r.data_aware:
             raise UserError("--data-aware needs calibration data: pass --calibration DIR|FILE "
                             "(or --calibration random, which only makes sense for smoke tests)")
@@ -196,44 +248,96 @@ class _Run:
             da.facts["calibration"] = {"kind": getattr(calib, "kind", "?"), "samples": len(calib),
                                        "description": getattr(calib, "description", "")}
         wiring = Wiring(recipe=r, shapes=self.shapes, calibration=feeds, calibration_real=real, data_aware=da,
-                        quantized=r.quantize)
+                        quantized=quant, factor_cache=getattr(self, "factor_cache", None))
         self.data_aware = da
         out = [registry.METHODS[m].build(plan.policy(m), wiring) for m in registry.METHODS if m in plan.methods()]
         if da is not None and r.data_aware_refit and out:
             from .passes.refit import RefitPass
             out.append(RefitPass(da))
-        report.warnings += wiring.warnings
-        if r.quantize == "int8":
-            if calib.kind == "random":
-                report.warnings.append("INT8 calibrated on random inputs (not real data): activation ranges may "
-                                       "not match deployment; pass --calibration DIR|FILE")
-            report.calibration = {"source": str(getattr(calib, "source", "random")), "kind": calib.kind,
-                                  "description": calib.description, "samples": len(calib)}
-            from .data import CalibrationReader
-            from .ir.shapes import fixed_batch
-            from .ort.quantize import int8_format_for
-
-            names = list(self.shapes)
-            dtypes = {vi.name: onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
-                      for vi in model.graph.input if vi.name in self.shapes}
-            fixed = fixed_batch(model, names[0])
-            reader = lambda: CalibrationReader(calib, names, batch_size=fixed or 8,   # noqa: E731
-                                               fixed_batch=fixed is not None, input_dtypes=dtypes)
-            fmt = int8_format_for(r.providers[0], r.int8_activations, r.int8_weights)
-            excl = [k for k, o in r.layers.items() if o.precision == "float"]
-            out.append(registry.quantizer("int8", reader_factory=reader, fmt=fmt, exclude_globs=excl,
-                                          calibration_label=calib.description))
-        elif r.quantize == "fp16":
+        for w in wiring.warnings:
+            if w not in report.warnings:
+                report.warnings.append(w)
+        if quant == "int8":
+            out.append(self.int8_pass(model, list(float_layers)))
+        elif quant == "fp16":
             out.append(registry.quantizer("fp16"))
         return out
 
-    # ------------------------------------------------------------------------------------------ report
-    def assemble(self, original, out, plan: Plan, layers, pm: PassManager, bytes_before) -> None:
+    def int8_pass(self, model, float_layers: list[str]):
+        from .data import CalibrationReader
+        from .ir.names import exact_globs
+        from .ir.shapes import fixed_batch
+        from .ort.quantize import int8_format_for
+
+        r, calib = self.recipe, self.calib
+        if calib.kind == "random":
+            w = ("INT8 calibrated on random inputs (not real data): activation ranges may not match deployment; "
+                 "pass --calibration DIR|FILE")
+            if w not in self.report.warnings:
+                self.report.warnings.append(w)
+        self.report.calibration = {"source": str(getattr(calib, "source", "random")), "kind": calib.kind,
+                                   "description": calib.description, "samples": len(calib)}
+        names = list(self.shapes)
+        dtypes = {vi.name: onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+                  for vi in model.graph.input if vi.name in self.shapes}
+        fixed = fixed_batch(model, names[0])
+        reader = lambda: CalibrationReader(calib, names, batch_size=fixed or 8,   # noqa: E731
+                                           fixed_batch=fixed is not None, input_dtypes=dtypes)
+        fmt = int8_format_for(r.providers[0], r.int8_activations, r.int8_weights)
+        excl = [k for k, o in r.layers.items() if o.precision == "float"] + exact_globs(float_layers)
+        return registry.quantizer("int8", reader_factory=reader, fmt=fmt, exclude_globs=excl,
+                                  calibration_label=calib.description)
+
+    # ------------------------------------------------------------------------------------------ judge
+    def fidelity(self, original, out) -> Fidelity:
+        ev = self.holdout
+        return fidelity(original, out, inputs_for_model(original, ev, batch_size=16), "cpu", ev.description)
+
+    def whole_latency(self, original, out) -> dict:
+        """Median latency of the input and the result on the target provider, interleaved in one process."""
+        from .ort.timing import compare_latency
+
+        return compare_latency(original, out, self.recipe.providers[0], self.shapes, seed=self.recipe.seed)
+
+    def judge(self, original, out, built) -> Fidelity:
+        """Fidelity on the held-apart data, latency and size against the input, the floors (WARNING lines;
+        --strict fails on them), the stage latencies of --min-speedup."""
         r, report = self.recipe, self.report
-        for p, res in pm.results:
+        self.note("fidelity on ORT CPU")
+        fid = self.fidelity(original, out)
+        report.fidelity = {**fid.to_dict(), "synthetic_inputs": self.synthetic}
+        lat = self.whole_latency(original, out)
+        report.latency = {**(report.latency or {}), **lat}
+        if r.min_speedup is not None and built is not None:
+            from .ort.timing import stage_latency
+
+            self.note(f"latency of every stage on ORT {r.providers[0]} (interleaved)")
+            stages = [("input", original)] + [(p.name, res.model) for p, res in built.results
+                                              if res.modified and res.model is not None]
+            report.latency.update(stage_latency(stages, r.providers[0], input_shape=self.shapes, seed=r.seed))
+        degenerate = None
+        if fid.output_std_after is not None:
+            degenerate = degenerate_outputs(fid.output_std_before or 0.0, fid.output_std_after,
+                                            fid.output_max_abs_after or 0.0)
+        floors = floor_warnings(fid, lat, report.model.get("bytes_before"), report.model.get("bytes_after"),
+                                degenerate)
+        if self.synthetic:
+            report.warnings.append("no data to judge the result on: fidelity is measured on synthetic random "
+                                   "inputs only (pass --eval-data or --calibration)")
+        report.warnings += floors
+        self.floors = floors
+        return fid
+
+    # ------------------------------------------------------------------------------------------ report
+    def assemble(self, original, out, plan: Plan, layers, built, extra: dict) -> None:
+        r, report = self.recipe, self.report
+        results = built.results if built is not None else []
+        for p, res in results:
             report.quantization.update({k: v for k, v in res.info.items()
                                         if k in ("int8", "fp16", "quantized_ops", "float_ops_left")})
-        records = layer_records(plan, layers, [res for p, res in pm.results if p.name in _DECOMPOSITION_PASSES])
+        int8_nodes = {n for p, res in results for n in (res.info.get("quantized_nodes") or [])}
+        records = layer_records(plan, layers, [res for p, res in results if p.name in _DECOMPOSITION_PASSES],
+                                int8_nodes, "fp16" if any(p.name == "ConvertFP16" for p, _ in results) else None)
         report.layers = [rec.to_dict() for rec in records]
         if r.method != "none":
             report.layers += [LayerRecord(name=n, op=op, method=r.method,
@@ -243,7 +347,7 @@ class _Run:
         m = report.model = {
             "params_before": model_params(original), "params_after": model_params(out),
             "macs_before": model_macs(original, self.shapes), "macs_after": model_macs(out, self.shapes),
-            "bytes_before": bytes_before if bytes_before is not None else model_bytes(original),
+            "bytes_before": self.bytes_before if self.bytes_before is not None else model_bytes(original),
             "bytes_after": model_bytes(out),
             "decomposed_layers": len(done),
             "decomposed_params_before": sum(x.params_before for x in done),
@@ -256,35 +360,26 @@ class _Run:
             m["plan"] = dict(plan.summary)
         if done:
             m["decomposed_ratio"] = m["decomposed_params_before"] / max(m["decomposed_params_after"], 1)
-        if getattr(self, "data_aware", None) is not None:
+        if self.data_aware is not None:
             m["data_aware"] = {**self.data_aware.facts, "method": self.data_aware.method}
-
-    def measure(self, original, out, pm: PassManager) -> Fidelity:
-        """Fidelity on ORT CPU (evaluation data, else the calibration data, else random inputs), and the
-        latency of every stage when `--min-speedup` asks for it."""
-        r, report = self.recipe, self.report
-        self.note("fidelity on ORT CPU")
-        ev = self.eval_ds or self.calibration() or self.open("random", 16)
-        fid = fidelity(original, out, inputs_for_model(original, ev, batch_size=16), "cpu", ev.description)
-        report.fidelity = fid.to_dict()
-        if r.min_speedup is not None:
-            from .ort.timing import stage_latency
-
-            self.note(f"latency on ORT {r.providers[0]} (interleaved)")
-            stages = [("input", original)] + [(p.name, res.model) for p, res in pm.results
-                                              if res.modified and res.model is not None]
-            report.latency = {**(report.latency or {}), **stage_latency(stages, r.providers[0],
-                                                                        input_shape=self.shapes, seed=r.seed)}
-        return fid
+        if not done and not int8_nodes and not any(p.name == "ConvertFP16" for p, _ in results):
+            report.warnings.append("nothing was compressed: no layer was rewritten and nothing quantized "
+                                   "(see each layer's reason)")
+        for k, v in extra.items():
+            setattr(report, k, v)
 
 
 _DECOMPOSITION_PASSES = {"Tucker2", "CP4", "CP3", "SVD", "Refit"}
 
 
-def layer_records(plan: Plan, layers, results) -> list[LayerRecord]:
+def layer_records(plan: Plan, layers, results, int8_nodes=frozenset(), whole_precision: str | None = None
+                  ) -> list[LayerRecord]:
     """One record per layer of the plan: the pass's record where a pass rewrote it (with the plan's facts:
     planned ranks, alignment, latency-guard measurement, predicted degradation), else why it stayed (the
-    pass's reason when the plan asked for a rewrite the pass refused, else the plan's)."""
+    pass's reason when the plan asked for a rewrite the pass refused, else the plan's); the precision it runs
+    in."""
+    from .ir.names import layer_of
+
     rewritten, refused = {}, {}
     for res in results:
         for rec in res.layers:
@@ -293,21 +388,31 @@ def layer_records(plan: Plan, layers, results) -> list[LayerRecord]:
             elif rec.name in plan.layers and plan.layers[rec.name].method == rec.method and \
                     plan.layers[rec.name].ranks is not None:
                 refused[rec.name] = rec
+    quantized_layers = {layer_of(n) for n in int8_nodes}
     out = []
     for info in layers:
-        lp = plan.layers[info.name]
+        lp = plan.layers.get(info.name)
         rec = rewritten.get(info.name) or refused.get(info.name)
         if rec is None:
-            rec = LayerRecord(name=info.name, op=getattr(info, "op", "Conv"), method=lp.method or "-",
+            rec = LayerRecord(name=info.name, op=getattr(info, "op", "Conv"),
+                              method=(lp.method if lp is not None else None) or "-",
                               kernel_shape=_kernel_shape(info), params_before=info.params, params_after=info.params,
-                              macs_before=info.macs, macs_after=info.macs, skipped=lp.reason or "kept by the plan")
-        if lp.planned is not None and rec.skipped is None and tuple(lp.planned) != tuple(rec.ranks or ()):
-            rec.extra["planned_ranks"] = list(lp.planned)
-        for k in ("latency_guard", "aligned_from"):
-            if k in lp.extra:
-                rec.extra[k] = lp.extra[k]
-        if lp.predicted_degradation is not None:
-            rec.extra["predicted_degradation"] = lp.predicted_degradation
+                              macs_before=info.macs, macs_after=info.macs,
+                              skipped=(lp.reason if lp is not None else None) or "kept by the plan")
+        rec.precision = whole_precision or ("int8" if info.name in quantized_layers else "float")
+        if lp is not None:
+            if lp.planned is not None and rec.skipped is None and tuple(lp.planned) != tuple(rec.ranks or ()):
+                rec.extra["planned_ranks"] = list(lp.planned)
+            for k in ("latency_guard", "aligned_from", "measured_degradation", "option"):
+                if k in lp.extra:
+                    rec.extra[k] = lp.extra[k]
+            if lp.predicted_degradation is not None:
+                rec.predicted_degradation = lp.predicted_degradation
+            g = lp.extra.get("latency_guard") or {}
+            if lp.extra.get("saved_ms") is not None:
+                rec.measured_latency_gain = lp.extra["saved_ms"]
+            elif g.get("measured") and rec.skipped is None:
+                rec.measured_latency_gain = round(g["conv_ms"] - g["chain_ms"], 4)
         out.append(rec)
     return out
 
@@ -332,23 +437,29 @@ def _file_bytes(path) -> int | None:
     return p.stat().st_size + sum(f.stat().st_size for f in external_data_files(p))
 
 
-def _gates(recipe: Recipe, report: Report, fid: Fidelity) -> None:
-    if recipe.min_top1_agreement is not None:
-        v = fid.top1_agreement
-        report.gates.append(Gate("min_top1_agreement", recipe.min_top1_agreement, v,
-                                 v is not None and v >= recipe.min_top1_agreement))
-    if recipe.max_accuracy_drop is not None:
-        v = fid.accuracy_drop
-        if v is None:
-            report.warnings.append("--max-accuracy-drop needs labelled --eval-data; the gate fails without it")
-        report.gates.append(Gate("max_accuracy_drop", recipe.max_accuracy_drop, v,
-                                 v is not None and v <= recipe.max_accuracy_drop))
+def _gates(recipe: Recipe, report: Report, fid: Fidelity, floors: list[str]) -> None:
+    if recipe.method != "auto":
+        if recipe.min_top1_agreement is not None:
+            v = fid.top1_agreement
+            report.gates.append(Gate("min_top1_agreement", recipe.min_top1_agreement, v,
+                                     v is not None and v >= recipe.min_top1_agreement))
+        if recipe.max_accuracy_drop is not None:
+            v = None if fid.accuracy_drop is None else 100 * fid.accuracy_drop
+            if v is None:
+                report.warnings.append("--max-accuracy-drop needs labelled data; the gate fails without it")
+            report.gates.append(Gate("max_accuracy_drop", recipe.max_accuracy_drop, v,
+                                     v is not None and v <= recipe.max_accuracy_drop))
+        if recipe.min_sqnr is not None:
+            v = fid.sqnr_db
+            report.gates.append(Gate("min_sqnr", recipe.min_sqnr, v, v is not None and v >= recipe.min_sqnr))
     if recipe.min_speedup is not None:
         v = (report.latency or {}).get("speedup")
         if v is None:
             report.warnings.append(f"--min-speedup: latency not measured "
                                    f"({(report.latency or {}).get('skipped', 'no timing')}); the gate fails")
         report.gates.append(Gate("min_speedup", recipe.min_speedup, v, v is not None and v >= recipe.min_speedup))
+    if recipe.strict and floors:
+        report.gates.append(Gate("strict", 0, len(floors), False))
     report.passed = all(g.passed for g in report.gates)
 
 

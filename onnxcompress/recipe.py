@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,8 +12,10 @@ from typing import Any
 
 from .errors import UserError
 
-METHODS = ("tucker2", "cp4", "cp3", "svd", "none")
-QUANTIZE = ("int8", "fp16", "none")
+METHODS = ("auto", "tucker2", "cp4", "cp3", "svd", "none")
+QUANTIZE = ("auto", "int8", "fp16", "none")
+OBJECTIVES = ("latency", "size")
+EXECUTORS = ("local", "ray")
 ALLOCATIONS = ("uniform", "later-first", "sensitivity")
 PROVIDER_NAMES = ("cpu", "cuda", "tensorrt")
 
@@ -28,7 +31,7 @@ class LayerOverride:
 
 @dataclass
 class Recipe:
-    method: str = "tucker2"
+    method: str = "auto"                 # auto: the budgeted search (onnxcompress.auto)
     ratio: float | None = None           # default 2 when no --rank / --target-macs is given
     target_macs: float | None = None
     rank: str | None = None              # "vbmf" or "vbmf:<weakening>"
@@ -36,7 +39,8 @@ class Recipe:
     sensitivity: str | None = None       # analyze JSON for --allocation sensitivity (None: measured on the fly)
     sensitivity_metric: str = "auto"     # predicted degradation: auto | top1 | noise | accuracy
     data_aware: bool = False
-    quantize: str = "int8"
+    quantize: str = "auto"               # auto: INT8 per node where the budget allows (needs calibration data)
+    objective: str = "latency"           # what --method auto maximises under the budget: latency | size
     int8_activations: str | None = None  # override the provider default ("uint8" | "int8")
     int8_weights: str | None = None
     calibration: str | None = None       # DIR | FILE.npy | FILE.npz | random
@@ -53,9 +57,14 @@ class Recipe:
     fold_bn: bool = True
     verify: bool = True
     providers: list[str] = field(default_factory=lambda: ["cpu"])
-    min_top1_agreement: float | None = None
-    max_accuracy_drop: float | None = None
+    min_top1_agreement: float | None = None   # gate; the auto budget (default 0.99) for classifier outputs
+    max_accuracy_drop: float | None = None    # points; gate; the auto budget (default 1.0) with labelled data
+    min_sqnr: float | None = None             # dB; gate; the auto budget (default 30) for other outputs
     min_speedup: float | None = None
+    allow_worse: bool = False            # auto: write the best candidate even when it misses the budget
+    strict: bool = False                 # a WARNING (result below a floor, slower, larger) fails the run (exit 1)
+    jobs: int | None = None              # worker processes for sensitivity measurements (None: up to 4 cores)
+    executor: str = "local"              # local | ray
     latency_guard: bool | None = None    # None = on for the CPU provider
     rank_multiple: int | None = None     # round ranks to a multiple of this; None = 8 for the CPU provider
     report: str | None = None
@@ -81,6 +90,12 @@ class Recipe:
         _choice("method", self.method, METHODS)
         _choice("quantize", self.quantize, QUANTIZE)
         _choice("allocation", self.allocation, ALLOCATIONS)
+        _choice("objective", self.objective, OBJECTIVES)
+        _choice("executor", self.executor, EXECUTORS)
+        if self.jobs is not None and (not isinstance(self.jobs, int) or self.jobs < 1):
+            raise UserError(f"jobs must be an integer >= 1 (got {self.jobs})")
+        if self.min_sqnr is not None and not math.isfinite(self.min_sqnr):
+            raise UserError(f"min_sqnr must be a finite number of dB (got {self.min_sqnr})")
         _choice("sensitivity_metric", self.sensitivity_metric, ("auto", "top1", "noise", "accuracy"))
         for p in self.providers:
             _choice("providers", p, PROVIDER_NAMES)
@@ -89,29 +104,29 @@ class Recipe:
         if self.int8_weights is not None:
             _choice("int8_weights", self.int8_weights, ("uint8", "int8"))
         if self.ratio is not None and not self.ratio > 1:
-            raise UserError(f"--ratio must be > 1 (got {self.ratio}): it is how many times smaller the layers get")
+            raise UserError(f"ratio must be > 1 (got {self.ratio}): it is how many times smaller the layers get")
         if self.target_macs is not None and not 0 < self.target_macs < 1:
-            raise UserError(f"--target-macs must be in (0, 1) (got {self.target_macs}): the fraction of MACs to keep")
+            raise UserError(f"target_macs must be in (0, 1) (got {self.target_macs}): the fraction of MACs to keep")
         if self.rank is not None:
             parse_rank(self.rank)
         if self.calibration_samples < 1:
             raise UserError("calibration_samples must be >= 1")
         for name, v in (("min_top1_agreement", self.min_top1_agreement),):
             if v is not None and not 0 <= v <= 1:
-                raise UserError(f"--{name.replace('_', '-')} must be in [0, 1] (got {v})")
-        if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
-            raise UserError(f"--max-accuracy-drop must be >= 0 (got {self.max_accuracy_drop})")
+                raise UserError(f"{name} must be in [0, 1] (got {v})")
+        if self.max_accuracy_drop is not None and not 0 <= self.max_accuracy_drop <= 100:
+            raise UserError(f"max_accuracy_drop is in points, 0..100 (got {self.max_accuracy_drop})")
         if self.rank_multiple is not None and (not isinstance(self.rank_multiple, int) or self.rank_multiple < 1):
-            raise UserError(f"--rank-multiple must be an integer >= 1 (got {self.rank_multiple})")
+            raise UserError(f"rank_multiple must be an integer >= 1 (got {self.rank_multiple})")
         if self.min_speedup is not None and self.min_speedup <= 0:
-            raise UserError(f"--min-speedup must be > 0 (got {self.min_speedup})")
+            raise UserError(f"min_speedup must be > 0 (got {self.min_speedup})")
         _choice("data_aware_method", self.data_aware_method, ("als", "kron"))
         _choice("cp_balance", self.cp_balance, ("sqrt_size", "equal", "none"))
         if self.cp_equalize is not None:
             _choice("cp_equalize", self.cp_equalize, ("none", "data-free", "data"))
         _choice("cp_fallback", self.cp_fallback, ("keep-float", "int16", "tucker2", "none"))
         if not self.cp_kappa_max > 0:
-            raise UserError(f"--cp-kappa-max must be > 0 (got {self.cp_kappa_max})")
+            raise UserError(f"cp_kappa_max must be > 0 (got {self.cp_kappa_max})")
         for key, o in self.layers.items():
             if o.method is not None:
                 _choice(f"layers.{key}.method", o.method, METHODS)
@@ -122,6 +137,14 @@ class Recipe:
             if o.precision is not None:
                 _choice(f"layers.{key}.precision", o.precision, ("int8", "float"))
         return self
+
+    def resolved_jobs(self) -> int:
+        """Worker processes for sensitivity sweeps: `jobs`, else the cores this process may use (at most 4)."""
+        if self.jobs is not None:
+            return self.jobs
+        import os
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, min(4, n))
 
     def override_for(self, name: str, index: int) -> LayerOverride | None:
         """The per-layer override whose key matches the layer name (glob) or its conv index ('#3')."""

@@ -32,6 +32,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ._cachedir import cache_dir
+
 __all__ = ["MODELS", "DATASETS", "ZooError", "cache_dir", "cached_export", "export", "list_models"]
 
 MODELS = ("resnet18", "resnet34", "resnet50", "googlenet", "alexnet")
@@ -362,10 +364,6 @@ def export(
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ONNXCOMPRESS_CACHE") or Path.home() / ".cache" / "onnxcompress").expanduser()
 
 
 def cached_export(name: str, dataset: str = "imagenet", weights: str | os.PathLike = "none", opset: int = 17) -> Path:

@@ -141,7 +141,7 @@ def test_sensitivity_allocation_meets_target_and_beats_uniform(swept):
     cm = cost_models()["tucker2"]
     curves, kind = curves_from_analysis(res)
     assert kind == "td" and set(curves) == {(n, "tucker2") for n in swept_names}
-    kw = dict(include=swept_names, rank_multiple=1, latency_guard=False)
+    kw = dict(method="tucker2", include=swept_names, rank_multiple=1, latency_guard=False)
 
     def total(plan, target):
         return sum(cm.cost(i, plan.layers[i.name].ranks, target) for i in infos)

@@ -113,11 +113,11 @@ def test_console_script_one_line(tmp_path):
 
 def test_gate_failure_exits_1_but_writes(model_file, tmp_path, capsys):
     out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
-    rc = main(["optimize", str(model_file), "-o", str(out), "--no-skip-first", "--ratio", "8",
+    rc = main(["optimize", str(model_file), "-o", str(out), "--method", "tucker2", "--no-skip-first", "--ratio", "8",
                "--quantize", "none", "--calibration", "random", "--min-top1-agreement", "1.01",
                "--report", str(rep), "--quiet"])
     assert rc == 2  # 1.01 is not a valid agreement: usage error
-    rc = main(["optimize", str(model_file), "-o", str(out), "--no-skip-first", "--ratio", "8",
+    rc = main(["optimize", str(model_file), "-o", str(out), "--method", "tucker2", "--no-skip-first", "--ratio", "8",
                "--quantize", "none", "--calibration", "random", "--eval-data", "random",
                "--min-top1-agreement", "1.0", "--report", str(rep), "--quiet"])
     import json

@@ -21,7 +21,7 @@ def model_file(tmp_path):
 
 def test_min_speedup_gate_fails_exit_1_outputs_written(model_file, tmp_path, capsys):
     out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
-    rc = main(["optimize", str(model_file), "-o", str(out), "--quantize", "none", "--no-skip-first",
+    rc = main(["optimize", str(model_file), "-o", str(out), "--method", "tucker2", "--quantize", "none", "--no-skip-first",
                "--no-latency-guard", "--rank-multiple", "1", "--min-speedup", "1000", "--report", str(rep),
                "--quiet"])
     assert rc == 1
@@ -38,7 +38,7 @@ def test_min_speedup_gate_fails_exit_1_outputs_written(model_file, tmp_path, cap
 
 
 def test_min_speedup_gate_passes_low_threshold(model_file):
-    res = optimize(str(model_file), Recipe(quantize="none", skip_first=False, latency_guard=False,
+    res = optimize(str(model_file), Recipe(method="tucker2", quantize="none", skip_first=False, latency_guard=False,
                                            min_speedup=0.01))
     assert res.passed and res.report.gates[-1].name == "min_speedup" and res.report.gates[-1].passed
 
@@ -56,7 +56,7 @@ def test_min_speedup_on_missing_provider_fails_with_warning(model_file):
 def test_optimize_plots_written(model_file, tmp_path):
     pytest.importorskip("matplotlib")
     out, plots = tmp_path / "o.onnx", tmp_path / "plots"
-    rc = main(["optimize", str(model_file), "-o", str(out), "--quantize", "none", "--no-skip-first",
+    rc = main(["optimize", str(model_file), "-o", str(out), "--method", "tucker2", "--quantize", "none", "--no-skip-first",
                "--no-latency-guard", "--min-speedup", "0.01", "--plots", str(plots), "--quiet"])
     assert rc == 0
     names = sorted(p.name for p in plots.iterdir())

@@ -96,9 +96,10 @@ def test_guard_through_optimize_for_every_method(monkeypatch):
         rep = optimize(m, Recipe(method=method, quantize="none", skip_first=False, rank_multiple=1)).report
         assert rep.layers[0]["skipped"] is None
     monkeypatch.setattr(lg, "ort_timer", lambda *a, **k: fixed_timer(1e-3, 3e-3))
-    rep = optimize(m, Recipe(quantize="none", skip_first=False, layers={"conv": {"ranks": [8, 8]}})).report
+    rep = optimize(m, Recipe(method="tucker2", quantize="none", skip_first=False,
+                             layers={"conv": {"ranks": [8, 8]}})).report
     assert rep.layers[0]["ranks"] == [8, 8]                        # explicit ranks: not guarded
-    rep = optimize(m, Recipe(quantize="none", skip_first=False, latency_guard=False)).report
+    rep = optimize(m, Recipe(method="tucker2", quantize="none", skip_first=False, latency_guard=False)).report
     assert rep.latency is None or "guard" not in rep.latency
 
 

@@ -10,6 +10,7 @@ MODEL = Path(__file__).resolve().parent.parent / "models" / "digits_cnn.onnx"
 
 
 def _run(**kw):
+    kw.setdefault("method", "tucker2")
     kw.setdefault("quantize", "none")
     kw.setdefault("latency_guard", False)
     kw.setdefault("rank_multiple", 1)   # planner semantics, not the CPU-friendly rank rounding
@@ -57,7 +58,7 @@ def test_sensitivity_without_curves_is_a_clear_error(tmp_path):
     from onnxcompress.planning.planner import Planner
 
     # the planner alone (no pipeline to measure curves, no --sensitivity file)
-    planner = Planner(Recipe(allocation="sensitivity"), cost_models())
+    planner = Planner(Recipe(method="tucker2", allocation="sensitivity"), cost_models())
     with pytest.raises(UserError, match="--sensitivity FILE"):
         planner.plan(_free_infos())
     with pytest.raises(UserError, match="no such file"):

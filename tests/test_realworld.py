@@ -55,7 +55,7 @@ def test_weights_behind_identity_cast_and_shared():
              helper.make_node("Conv", ["a", "Wc"], ["b"], name="c_cast", pads=[1, 1, 1, 1]),
              helper.make_node("Conv", ["b", "W"], ["y"], name="c_shared", pads=[1, 1, 1, 1])]
     m = _model(nodes, [_vi("x", [1, 8, 6, 6])], [_vi("y", [1, 8, 6, 6])], inits)
-    r = Recipe(quantize="none", skip_first=False, latency_guard=False,
+    r = Recipe(method="tucker2", quantize="none", skip_first=False, latency_guard=False,
                layers=_full_rank({"c_identity": (8, 8), "c_cast": (8, 8), "c_shared": (8, 8)}))
     res = _check_lossless(m, r, {"x": RNG.standard_normal((1, 8, 6, 6)).astype(np.float32)})
     assert all(l["skipped"] is None for l in res.report.layers)
@@ -67,13 +67,13 @@ def test_nhwc_input_with_transpose_and_two_inputs_outputs():
              helper.make_node("Conv", ["z", "W2"], ["y2"], name="c2", strides=[2, 2])]
     m = _model(nodes, [_vi("x", ["N", 7, 7, 6]), _vi("z", ["N", 5, 9, 9])],
                [_vi("y1", ["N", 8, 7, 7]), _vi("y2", ["N", 4, 4, 4])], [_w("W1", (8, 6, 3, 3)), _w("W2", (4, 5, 3, 3))])
-    r = Recipe(quantize="none", skip_first=False, latency_guard=False,
+    r = Recipe(method="tucker2", quantize="none", skip_first=False, latency_guard=False,
                layers=_full_rank({"c1": (6, 8), "c2": (5, 4)}))
     feeds = {"x": RNG.standard_normal((2, 7, 7, 6)).astype(np.float32),
              "z": RNG.standard_normal((2, 5, 9, 9)).astype(np.float32)}
     _check_lossless(m, r, feeds)
     # and the full INT8 path on random calibration for a two-input model
-    res = optimize(m, Recipe(ratio=1.5, skip_first=False, latency_guard=False, calibration="random",
+    res = optimize(m, Recipe(method="tucker2", ratio=1.5, skip_first=False, latency_guard=False, calibration="random",
                              calibration_samples=4))
     assert {n.op_type for n in res.model.graph.node} >= {"QuantizeLinear", "DequantizeLinear"}
     run_ort(res.model, feeds)
@@ -84,8 +84,8 @@ def test_dynamic_spatial_dims_need_input_shape():
     m.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "H"
     m.graph.input[0].type.tensor_type.shape.dim[3].dim_param = "W"
     with pytest.raises(UserError, match="--input-shape"):
-        optimize(m, Recipe(quantize="none"))
-    res = optimize(m, Recipe(quantize="none", skip_first=False, latency_guard=False,
+        optimize(m, Recipe(method="tucker2", quantize="none"))
+    res = optimize(m, Recipe(method="tucker2", quantize="none", skip_first=False, latency_guard=False,
                              input_shape={"x": [2, 8, 12, 12]}))
     assert res.report.layers[0]["skipped"] is None
 
@@ -94,8 +94,8 @@ def test_already_quantized_refused_but_float_decomposition_allowed():
     m = conv_model(T=16, S=16, hw=(8, 8), batch=1)
     q = optimize(m, Recipe(method="none", calibration="random", calibration_samples=2, latency_guard=False)).model
     with pytest.raises(UserError, match="already quantized"):
-        optimize(q, Recipe(quantize="int8"))
-    res = optimize(q, Recipe(quantize="none", skip_first=False, latency_guard=False))
+        optimize(q, Recipe(method="tucker2", quantize="int8"))
+    res = optimize(q, Recipe(method="tucker2", quantize="none", skip_first=False, latency_guard=False))
     assert "quantized weight" in res.report.layers[0]["skipped"]
 
 
@@ -107,7 +107,7 @@ def test_conv_inside_if_subgraph_left_alone_with_reason():
              helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_g, else_branch=else_g)]
     m = _model(nodes, [_vi("x", [1, 8, 6, 6]), _vi("cond", [], TensorProto.BOOL)], [_vi("y", [1, 8, 6, 6])],
                [_w("W", (8, 8, 3, 3))])
-    res = optimize(m, Recipe(quantize="none", skip_first=False, ratio=1.5, latency_guard=False))
+    res = optimize(m, Recipe(method="tucker2", quantize="none", skip_first=False, ratio=1.5, latency_guard=False))
     by = {l["name"]: l for l in res.report.layers}
     assert by["outer_conv"]["skipped"] is None
     assert "inside If" in by["inner_conv"]["skipped"]
@@ -116,7 +116,7 @@ def test_conv_inside_if_subgraph_left_alone_with_reason():
 @pytest.mark.parametrize("opset", [11, 13, 17, 21])
 def test_opsets(opset):
     m = conv_model(T=16, S=16, hw=(8, 8), batch=1, opset=opset)
-    res = optimize(m, Recipe(skip_first=False, ratio=2, calibration="random", calibration_samples=2,
+    res = optimize(m, Recipe(method="tucker2", skip_first=False, ratio=2, calibration="random", calibration_samples=2,
                              latency_guard=False, rank_multiple=1))
     assert res.report.layers[0]["skipped"] is None
     run_ort(res.model, {"x": RNG.standard_normal((1, 16, 8, 8)).astype(np.float32)})
@@ -150,7 +150,7 @@ def test_external_data_in_and_out(tmp_path, capsys):
 def test_memory_cap_refuses_clearly():
     m = conv_model(T=128, S=128, hw=(8, 8), batch=1)   # ~3.5 MB working set
     with pytest.raises(UserError, match="over the 1 MB cap"):
-        optimize(m, Recipe(quantize="none", skip_first=False, max_memory_mb=1, latency_guard=False))
+        optimize(m, Recipe(method="tucker2", quantize="none", skip_first=False, max_memory_mb=1, latency_guard=False))
 
 
 def test_sigint_leaves_no_output(resnet18_onnx, tmp_path):

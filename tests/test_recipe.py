@@ -49,16 +49,16 @@ def test_parse_helpers():
 
 def test_exclude_and_skip_first():
     m = conv_model(T=8, S=6)
-    rec = optimize(m, Recipe(quantize="none")).report.layers[0]
+    rec = optimize(m, Recipe(method="tucker2", quantize="none")).report.layers[0]
     assert rec["skipped"] == "first conv (skip_first)"
-    rec = optimize(m, Recipe(quantize="none", skip_first=False, exclude=["co*"])).report.layers[0]
+    rec = optimize(m, Recipe(method="tucker2", quantize="none", skip_first=False, exclude=["co*"])).report.layers[0]
     assert rec["skipped"] == "excluded by --exclude"
 
 
 def test_full_rank_recipe_is_lossless_through_pipeline():
     import numpy as np
     m = conv_model(T=8, S=6, bn=True)
-    r = Recipe(quantize="none", skip_first=False)
+    r = Recipe(method="tucker2", quantize="none", skip_first=False)
     r.layers = {"conv": __import__("onnxcompress.recipe", fromlist=["LayerOverride"]).LayerOverride(ranks=[6, 8])}
     res = optimize(m, r)
     assert res.report.passes[1].lossless

@@ -23,7 +23,7 @@ import json
 import pickle
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -52,9 +52,10 @@ class Layer:
     kernel: tuple[int, ...]
     params: int                  # weights only (no bias): the allocation convention
     macs: int | None
-    method: str | None
+    method: str | None           # the first method that sweeps it (the global curve's); None: not swept
     skipped: str | None
     info: Any = None             # ir.layers facts
+    methods: list = field(default_factory=list)   # every method that sweeps it
 
     @property
     def decomposable(self) -> bool:
@@ -69,7 +70,8 @@ class Layer:
 def model_layers(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
                  methods: Mapping[str, Sequence[str] | None] | None = None) -> list[Layer]:
     """Every compute layer of a (BN-folded) model. `methods`: {method: layer names (None = every layer it can
-    take)}; a layer goes to the first method listed that takes it. Default: Tucker2 for every layer it takes."""
+    take)}; a layer is swept by every listed method that takes it and names it. Default: Tucker2 for every
+    layer it takes."""
     from ..ir.layers import collect_layers, layer_kernel
     from ..passes.registry import METHODS
 
@@ -79,37 +81,40 @@ def model_layers(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
         raise UserError(f"analyze --method {unknown[0]}: choose from {', '.join(METHODS)}")
     out = []
     for info in collect_layers(model, shapes):
-        m_ok, why = None, None
+        ok, why = [], None
         for m, names in methods.items():
-            cost = METHODS[m].cost
-            w = cost.takes(info)
+            w = METHODS[m].cost.takes(info)
             if w is None and (names is None or info.name in names):
-                m_ok = m
-                break
-            why = why or w or "not selected"
-        cost = METHODS[m_ok].cost if m_ok else None
+                ok.append(m)
+            else:
+                why = why or w or "not selected"
+        cost = METHODS[ok[0]].cost if ok else None
         out.append(Layer(info.name, info.index, info.T, info.S, layer_kernel(info),
-                         cost.weights(info, None) if cost else int(info.params), info.macs, m_ok,
-                         None if m_ok else why, info))
+                         cost.weights(info, None) if cost else int(info.params), info.macs, ok[0] if ok else None,
+                         None if ok else why, info, ok))
     return out
 
 
-def _materialize(ds, batch: int) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+def _materialize(ds, batch: int, model) -> tuple[list[dict], list[np.ndarray | None]]:
+    """The data as ORT feed dicts (one per batch, every model input) and labels."""
+    from ..data import inputs_for_model
+
     xs, ys = [], []
-    for x, y in ds.batches(batch):
-        if isinstance(x, dict):
-            if len(x) != 1:
-                raise UserError("analyze supports single-input models only")
-            x = next(iter(x.values()))
-        xs.append(np.ascontiguousarray(x, dtype=np.float32))
+    for feed, y in inputs_for_model(model, ds, batch_size=batch):
+        xs.append({k: np.ascontiguousarray(v) for k, v in feed.items()})
         ys.append(None if y is None else np.asarray(y))
     if not xs:
         raise UserError("the data holds no samples")
     return xs, ys
 
 
+def _batch_len(feed: dict) -> int:
+    return len(next(iter(feed.values())))
+
+
 def _fingerprint(xs, ys) -> str:
-    return sha256(*[x.tobytes() for x in xs], *[(b"" if y is None else np.asarray(y, np.int64).tobytes()) for y in ys])
+    return sha256(*[f[k].tobytes() for f in xs for k in sorted(f)],
+                  *[(b"" if y is None else np.asarray(y, np.int64).tobytes()) for y in ys])
 
 
 # ------------------------------------------------------------------------------------------ suffix evaluation
@@ -196,8 +201,9 @@ class _Context:
         self.refs = payload["refs"]
         self.calib = payload["calib"]
         self.fmt = payload["fmt"]
+        self.qranges = payload.get("qranges")   # activation ranges: per-layer INT8 simulated, not calibrated
         self.threads = payload["threads"]
-        self.input_name = next(iter(self.shapes))
+        self.input_names = list(self.shapes)
         self.suffix: dict[str, list[str]] = payload.get("suffix") or {}   # layer -> boundary tensors
         self.act_dir = payload.get("act_dir")
         self.factors = FactorCache(payload.get("factor_root"), payload.get("code", ""))
@@ -206,8 +212,8 @@ class _Context:
 
     def activation(self, name: str) -> np.ndarray:
         """(batches, *batch_shape) values of a tensor of the BN-folded model on the data (memory-mapped)."""
-        if name == self.input_name:
-            return self.xs
+        if name in self.input_names:
+            return [f[name] for f in self.xs]
         if name not in self._acts:
             with open(Path(self.act_dir) / "manifest.json") as f:
                 files = json.load(f)
@@ -276,17 +282,22 @@ def run_task(ctx: _Context, task: dict) -> dict:
     row: dict[str, Any] = {}
     nodes: list[str] | None = None
     feeds = None
-    if kind in ("td", "td+int8"):
+    shapes = ctx.shapes
+    one_layer = task["scope"] == "layer" and (kind == "td" or (kind == "int8" and ctx.qranges is not None))
+    if one_layer and task["layer"] in ctx.suffix:
+        # only the layer's downstream part runs, fed with the original's upstream values
+        model = ctx.suffix_model(task["layer"])
+        bnames = ctx.suffix[task["layer"]]
+        shapes = {t: tuple(ctx.activation(t)[0].shape) for t in bnames}
+        feeds = [{t: np.asarray(ctx.activation(t)[i]) for t in bnames} for i in range(len(ctx.xs))]
+    if kind == "int8" and task["scope"] == "layer" and ctx.qranges is not None:
+        from ..ort.quantize import simulate_int8
+        model = simulate_int8(model, [task["layer"]], ctx.qranges, ctx.fmt)
+        row["int8"] = "simulated (QDQ on the layer's weights and inputs, MinMax ranges of the calibration data)"
+    elif kind in ("td", "td+int8"):
         by_method: dict[str, dict] = {}
         for layer, (m, ranks) in task["ranks"].items():
             by_method.setdefault(m, {})[layer] = tuple(ranks)
-        shapes = ctx.shapes
-        if kind == "td" and task["scope"] == "layer" and task["layer"] in ctx.suffix:
-            # only the layer's downstream part runs, fed with the original's upstream values
-            model = ctx.suffix_model(task["layer"])
-            bnames = ctx.suffix[task["layer"]]
-            shapes = {t: tuple(ctx.activation(t)[0].shape) for t in bnames}
-            feeds = [{t: np.asarray(ctx.activation(t)[i]) for t in bnames} for i in range(len(ctx.xs))]
         done = []
         for m, plan in by_method.items():
             res = _build(m, plan, shapes, ctx.factors, "int8" if kind == "td+int8" else "none").run(model)
@@ -296,17 +307,17 @@ def run_task(ctx: _Context, task: dict) -> dict:
             return {"skipped": "no layer rewritten", "seconds": time.perf_counter() - t0}
         row["weight_rel_error"] = float(np.sqrt(np.mean([l.weight_rel_error ** 2 for l in done])))
         nodes = [n for l in done for n in l.new_nodes]
-    if kind in ("int8", "td+int8"):
+    if kind in ("int8", "td+int8") and "int8" not in row:
         if task["scope"] == "global":
             nodes = None
         elif kind == "int8":
             nodes = [task["layer"]]
-        model, _ = quantize_qdq(model, _ArrayReader(ctx.calib, ctx.input_name), ctx.fmt, nodes_to_quantize=nodes)
+        model, _ = quantize_qdq(model, _ArrayReader(ctx.calib), ctx.fmt, nodes_to_quantize=nodes)
     sess = make_session(model, "cpu", threads=ctx.threads)
     out_name = sess.get_outputs()[0].name
     acc = FidelityAccumulator()
     if feeds is None:
-        feeds = [{ctx.input_name: x} for x in ctx.xs]
+        feeds = ctx.xs
     for fd, y, ref in zip(feeds, ctx.ys, ctx.refs):
         acc.update(ref, sess.run([out_name], fd)[0], y)
     f = acc.result()
@@ -321,24 +332,24 @@ def run_task(ctx: _Context, task: dict) -> dict:
 class _ArrayReader:
     """In-memory calibration batches as an ORT CalibrationDataReader."""
 
-    def __init__(self, xs, name: str):
-        self.xs, self.name, self.i = xs, name, 0
+    def __init__(self, xs: list[dict]):
+        self.xs, self.i = xs, 0
 
     def get_next(self):
         if self.i >= len(self.xs):
             return None
         self.i += 1
-        return {self.name: self.xs[self.i - 1]}
+        return self.xs[self.i - 1]
 
     def rewind(self):
         self.i = 0
 
 
-def _activations(base, bounds, input_name, xs, root: Path, model_sha, data_fp, threads) -> str:
+def _activations(base, bounds, input_names, xs, root: Path, model_sha, data_fp, threads) -> str:
     """Values of every boundary tensor on the data, one .npy per tensor (batches stacked), computed once."""
     from ..ort.capture import Tap
 
-    tensors = sorted({t for b in bounds.values() for t in b} - {input_name})
+    tensors = sorted({t for b in bounds.values() for t in b} - set(input_names))
     key = sha256(model_sha.encode(), data_fp.encode(), json.dumps(tensors).encode(), b"act")
     d = root / f"act-{key[:20]}"
     if (d / "manifest.json").is_file():
@@ -347,7 +358,7 @@ def _activations(base, bounds, input_name, xs, root: Path, model_sha, data_fp, t
     tap = Tap(base, tensors, threads=threads)
     vals: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
     for x in xs:
-        for t, v in tap({input_name: x}).items():
+        for t, v in tap(x).items():
             vals[t].append(v)
     files = {}
     for i, t in enumerate(tensors):
@@ -356,6 +367,27 @@ def _activations(base, bounds, input_name, xs, root: Path, model_sha, data_fp, t
         vals[t] = []
     (d / "manifest.json").write_text(json.dumps(files))
     return str(d)
+
+
+def _qranges(st, calib_xs, calib_fp) -> dict:
+    """MinMax ranges of every compute layer's activation inputs and outputs on the calibration batches
+    (cached)."""
+    from ..ort.capture import tensor_ranges
+
+    key = sha256(st["model_sha"].encode(), calib_fp.encode(), b"qranges")
+    p = st["root"] / f"qranges-{key[:20]}.json"
+    try:
+        return {k: tuple(v) for k, v in json.loads(p.read_text()).items()}
+    except (OSError, ValueError):
+        pass
+    inits = {t.name for t in st["base"].graph.initializer}
+    tensors = sorted({x for n in st["base"].graph.node if n.op_type in ("Conv", "Gemm", "MatMul")
+                      for x in list(n.input) + list(n.output[:1]) if x and x not in inits})
+    ranges = tensor_ranges(st["base"], tensors, lambda: iter(calib_xs))
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(json.dumps(ranges))
+    tmp.replace(p)
+    return ranges
 
 
 def _noise(sqnr_db):
@@ -370,19 +402,22 @@ def analyze(model, data, *, grid: Sequence[float] = DEFAULT_GRID, method: str = 
             calibration=None, calibration_samples: int | None = None, jobs: int = 1, executor: str = "local",
             out_dir=None, cache_dir=None, threads: int = 1, seed: int = 0, layers: Sequence[str] | None = None,
             global_curve: bool = True, progress: bool | None = None, suffix: bool | None = None,
-            fold_bn: bool = True, on_result: Callable[[dict], None] | None = None) -> dict:
+            fold_bn: bool = True, on_result: Callable[[dict], None] | None = None, td_int8: bool = True,
+            only: set | None = None) -> dict:
     """Run the sensitivity sweep and return the analysis (the content of analyze.json). `method`: the method
     swept on every layer it can take; `methods`: {method: layer names or None} to sweep several (the
     pipeline's on-the-fly curves). With `out_dir`, writes analyze.json, analyze.csv and the PNG plots there;
     the cache defaults to `out_dir/cache`. `layers`: restrict the per-layer sweep to these layer names.
-    `on_result` is called after each task is stored (tests use it to interrupt a run)."""
+    `td_int8=False` skips the factorized+INT8 variants (INT8 rows are then one per layer); `only`: the
+    (layer, method, ratio) factorizations to measure (all when None). `on_result` is called after each task
+    is stored (tests use it to interrupt a run)."""
     t_start = time.perf_counter()
     grid = _check_args(grid, quantize, executor, jobs, samples)
     quantize = None if quantize in (None, "none") else quantize
     st = _setup(model, data, methods or {method: None}, samples, labels, preprocess, input_shape, fold_bn, seed,
-                layers, cache_dir, out_dir, threads)
+                layers, cache_dir, out_dir, threads, quantize)
     calib_xs, calib_fp, fmt = _calibration(st, quantize, calibration, calibration_samples, preprocess, seed)
-    tasks = _tasks(st, grid, quantize, global_curve, calib_fp, fmt)
+    tasks = _tasks(st, grid, quantize, global_curve, calib_fp, fmt, td_int8, only)
     results, n_cached = _from_cache(st["cache"], tasks)
     todo = list({t["key"]: (t["key"], t) for t in tasks if t["key"] not in results}.values())
     show = (sys.stderr.isatty() if progress is None else progress) and sys.stderr.isatty()
@@ -400,14 +435,16 @@ def analyze(model, data, *, grid: Sequence[float] = DEFAULT_GRID, method: str = 
     # one-layer TD variants: evaluate only the layer's downstream part (local executor: the upstream values
     # are computed once and memory-mapped from the cache folder by the workers)
     bounds, act_dir = {}, None
+    qranges = _qranges(st, calib_xs, calib_fp) if quantize and any(
+        t["kind"] == "int8" and t["scope"] == "layer" for _, t in todo) else None
     if (executor == "local" if suffix is None else suffix) and any(
-            t["kind"] == "td" and t["scope"] == "layer" for _, t in todo):
+            t["kind"] in ("td", "int8") and t["scope"] == "layer" for _, t in todo):
         bounds = suffix_boundaries(st["base"], [l.name for l in st["sweep"]])
-        act_dir = _activations(st["base"], bounds, st["name"], st["xs"], st["root"], st["model_sha"],
+        act_dir = _activations(st["base"], bounds, list(st["shapes"]), st["xs"], st["root"], st["model_sha"],
                                st["data_fp"], threads)
     payload = pickle.dumps({"key": st["model_sha"] + st["data_fp"], "model": st["base"].SerializeToString(),
                             "shapes": st["shapes"], "xs": st["xs"], "ys": st["ys"], "refs": st["refs"],
-                            "calib": calib_xs, "fmt": fmt, "threads": threads, "suffix": bounds,
+                            "calib": calib_xs, "fmt": fmt, "threads": threads, "suffix": bounds, "qranges": qranges,
                             "act_dir": act_dir, "code": st["code"],
                             "factor_root": str(st["root"]) if executor == "local" else None},
                            protocol=pickle.HIGHEST_PROTOCOL)
@@ -485,7 +522,7 @@ def _check_args(grid, quantize, executor, jobs, samples) -> list[float]:
 
 
 def _setup(model, data, methods, samples, labels, preprocess, input_shape, fold_bn, seed, layers, cache_dir,
-           out_dir, threads) -> dict:
+           out_dir, threads, quantize=None) -> dict:
     """The BN-folded model, its layers, the data (materialized), the reference outputs (cached), the cache."""
     from ..data import open_for_model
     from ..ir.modelio import load_model
@@ -499,8 +536,6 @@ def _setup(model, data, methods, samples, labels, preprocess, input_shape, fold_
         model = load_model(model)
     model_sha = sha256(model.SerializeToString())
     shapes = input_shapes(model, {k: tuple(v) for k, v in (input_shape or {}).items()})
-    if len(shapes) != 1:
-        raise UserError(f"analyze supports single-input models (this one has {len(shapes)})")
     name = next(iter(shapes))
     base = FoldBatchNorm().run(model).model if fold_bn else model
     lays = model_layers(base, shapes, methods)
@@ -509,19 +544,17 @@ def _setup(model, data, methods, samples, labels, preprocess, input_shape, fold_
         if unknown:
             raise UserError(f"--layers: no layer named {', '.join(unknown)}")
     dec = [l for l in lays if l.decomposable]
-    if not dec:
+    if not dec and not quantize:
         raise UserError(f"the model has no layer that {', '.join(methods)} can rewrite")
-    sweep = [l for l in dec if layers is None or l.name in layers]
+    # the per-layer sweep: the decomposable layers, and with INT8 every layer (its INT8-only sensitivity)
+    sweep = [l for l in (lays if quantize else dec) if layers is None or l.name in layers]
     ds = open_for_model(data, model, shapes, preprocess=preprocess, labels=labels, limit=samples, seed=seed)
     batch = fixed_batch(model, name) or 16
-    xs, ys = _materialize(ds, batch)
-    if fixed_batch(model, name):
-        keep = [i for i, x in enumerate(xs) if len(x) == batch]
-        xs, ys = [xs[i] for i in keep], [ys[i] for i in keep]
+    xs, ys = _materialize(ds, batch, model)
     data_fp = _fingerprint(xs, ys)
     root = Path(cache_dir) if cache_dir else (Path(out_dir) / "cache" if out_dir else None)
     if root is None:
-        from ..zoo import cache_dir as _home
+        from .._cachedir import cache_dir as _home
         root = _home() / "analyze"
     cache = Cache(root)
     ref_key = sha256(model_sha.encode(), data_fp.encode(), b"ref", str(ANALYZE_FORMAT).encode())
@@ -529,11 +562,11 @@ def _setup(model, data, methods, samples, labels, preprocess, input_shape, fold_
     if refs is None or len(refs) != len(xs):
         sess = make_session(model, "cpu", threads=threads)
         out0 = sess.get_outputs()[0].name
-        refs = [sess.run([out0], {name: x})[0] for x in xs]
+        refs = [sess.run([out0], x)[0] for x in xs]
         cache.put_array(ref_key, refs)
     return {"path": path, "model": model, "model_sha": model_sha, "shapes": shapes, "name": name, "base": base,
             "layers": lays, "dec": dec, "sweep": sweep, "ds": ds, "xs": xs, "ys": ys, "data_fp": data_fp,
-            "n_samples": sum(len(x) for x in xs), "has_labels": all(y is not None for y in ys), "root": root,
+            "n_samples": sum(_batch_len(x) for x in xs), "has_labels": all(y is not None for y in ys), "root": root,
             "cache": cache, "refs": refs, "batch": batch, "code": code_fingerprint()}
 
 
@@ -548,13 +581,15 @@ def _calibration(st, quantize, calibration, calibration_samples, preprocess, see
     else:
         cds = open_for_model(calibration, st["model"], st["shapes"], preprocess=preprocess,
                              limit=calibration_samples or 64, seed=seed)
-        calib_xs, _ = _materialize(cds, st["batch"])
+        calib_xs, _ = _materialize(cds, st["batch"], st["model"])
         calib_fp = _fingerprint(calib_xs, [None] * len(calib_xs))
     return calib_xs, calib_fp, int8_format_for("cpu")
 
 
-def _tasks(st, grid, quantize, global_curve, calib_fp, fmt) -> list[dict]:
+def _tasks(st, grid, quantize, global_curve, calib_fp, fmt, td_int8: bool = True, only=None) -> list[dict]:
     """The variants to evaluate, each with a key over everything its measurement depends on."""
+    from ..passes.registry import METHODS
+
     common = {"v": ANALYZE_FORMAT, "code": st["code"], "model": st["model_sha"], "data": st["data_fp"],
               "samples": st["n_samples"]}
     tasks: list[dict] = []
@@ -568,25 +603,24 @@ def _tasks(st, grid, quantize, global_curve, calib_fp, fmt) -> list[dict]:
         t["key"] = sha256(json.dumps(ident, sort_keys=True).encode())
         tasks.append(t)
 
-    from ..passes.registry import METHODS
-
-    def ranks_at(l: Layer, r: float):
-        return METHODS[l.method].cost.ranks_for_ratio(l.info, r, "params")
-
-    prop = {(l.name, r): ranks_at(l, r) for l in st["dec"] for r in grid}
+    prop = {(l.name, m, r): METHODS[m].cost.ranks_for_ratio(l.info, r, "params")
+            for l in st["dec"] for m in l.methods for r in grid}
     for l in st["sweep"]:
-        for r in grid:
-            rr = prop[(l.name, r)]
-            one = {l.name: (l.method, rr)} if rr else {}
-            add("td", "layer", l.name, r, one, l.method)
-            if quantize:
-                add("td+int8", "layer", l.name, r, one, l.method)
+        for m in l.methods:
+            for r in grid:
+                if only is not None and (l.name, m, r) not in only:
+                    continue
+                rr = prop[(l.name, m, r)]
+                one = {l.name: (m, rr)} if rr else {}
+                add("td", "layer", l.name, r, one, m)
+                if quantize and td_int8:
+                    add("td+int8", "layer", l.name, r, one, m)
         if quantize:
             add("int8", "layer", l.name, None, {}, None)
     if global_curve:
         gm = "+".join(sorted({l.method for l in st["dec"]}))
         for r in grid:
-            rrs = {l.name: (l.method, prop[(l.name, r)]) for l in st["dec"] if prop[(l.name, r)]}
+            rrs = {l.name: (l.method, prop[(l.name, l.method, r)]) for l in st["dec"] if prop[(l.name, l.method, r)]}
             add("td", "global", None, r, rrs, gm)
             if quantize:
                 add("td+int8", "global", None, r, rrs, gm)
@@ -614,9 +648,9 @@ def _rows(st, tasks, results) -> list[dict]:
 
     by_name = {l.name: l for l in st["layers"]}
 
-    def cost(l: Layer, ranks, target):
-        return METHODS[l.method].cost.cost(l.info, ranks, target) if l.macs is not None or target == "params" \
-            else None
+    def cost(l: Layer, ranks, target, method=None):
+        c = METHODS[method or l.method].cost
+        return c.cost(l.info, ranks, target) if l.macs is not None or target == "params" else None
 
     rows = []
     for t in tasks:
@@ -628,11 +662,11 @@ def _rows(st, tasks, results) -> list[dict]:
             l = by_name[t["layer"]]
             rr = ranks.get(l.name, (None, None))[1]
             row.update(ranks=list(rr) if rr else None, layers_decomposed=1 if rr else 0,
-                       r3=rr[0] if rr and l.method == "tucker2" else None,
-                       r4=rr[1] if rr and l.method == "tucker2" else None,
+                       r3=rr[0] if rr and t["method"] == "tucker2" else None,
+                       r4=rr[1] if rr and t["method"] == "tucker2" else None,
                        params_before=l.params, macs_before=l.macs,
-                       params_after=int(cost(l, rr, "params")) if rr else l.params,
-                       macs_after=(cost(l, rr, "macs") if rr else l.macs))
+                       params_after=int(cost(l, rr, "params", t["method"])) if rr else l.params,
+                       macs_after=(cost(l, rr, "macs", t["method"]) if rr else l.macs))
         else:
             row.update(ranks={k: list(v) for k, (_, v) in ranks.items()}, r3=None, r4=None,
                        layers_decomposed=len(ranks),

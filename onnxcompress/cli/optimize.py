@@ -12,8 +12,12 @@ from .common import EXIT_GATE, EXIT_OK, Formatter, add_common, add_input_shape, 
 # (group, flags, Recipe field, kind, help). kind: "str" | "float" | "int" | "list" (repeatable) | "flag" (store
 # True) | ("no", positive flag) for a --no-X that stores False into the same field
 OPTIONS = [
-    ("what to do", ["--method"], "method", "str", "factorization: tucker2 | cp4 | cp3 | svd | none"),
-    ("what to do", ["--quantize"], "quantize", "str", "int8 | fp16 | none"),
+    ("what to do", ["--method"], "method", "str", "auto (the best model within the budget: per layer keep / "
+     "tucker2 / cp4 / cp3 / svd, measured) | tucker2 | cp4 | cp3 | svd | none"),
+    ("what to do", ["--quantize"], "quantize", "str", "auto (INT8 per node where the budget allows; needs "
+     "calibration data) | int8 | fp16 | none"),
+    ("what to do", ["--objective"], "objective", "str", "what --method auto maximises under the budget: latency | "
+     "size"),
     ("what to do", ["--recipe"], None, "str", "TOML recipe (every flag is a field; flags on the command line win)"),
     ("ranks", ["--ratio"], "ratio", "float", "parameter ratio per layer (> 1), e.g. 2 (default 2 when no --rank or "
      "--target-macs is given)"),
@@ -55,18 +59,24 @@ OPTIONS = [
     ("quantization", ["--int8-weights"], "int8_weights", "str", "override the INT8 weight type: int8 | uint8 "
      "(default: int8)"),
     ("data", ["--calibration"], "calibration", "str", "calibration data: DIR | FILE.npy | FILE.npz | random "
-     "(default: random inputs, with a warning)"),
+     "(default: none — INT8 off, the result judged on synthetic inputs only)"),
     ("data", ["--calibration-samples"], "calibration_samples", "int", "calibration samples"),
     ("data", ["--preprocess"], "preprocess", "str", "image preset: imagenet | cifar10 | digits (default: derived "
      "from the model's input shape)"),
-    ("data", ["--eval-data"], "eval_data", "str", "data for the fidelity check (default: the calibration data)"),
+    ("data", ["--eval-data"], "eval_data", "str", "data the result is judged on (default: a held-apart quarter of the calibration data)"),
     ("data", ["--eval-samples"], "eval_samples", "int", "evaluation samples"),
     ("data", ["--labels"], "labels", "str", "labels file for image folders or .npy data"),
-    ("gates", ["--min-top1-agreement"], "min_top1_agreement", "float", "fail (exit 1) below this top-1 agreement "
-     "with the original"),
-    ("gates", ["--max-accuracy-drop"], "max_accuracy_drop", "float", "fail (exit 1) above this accuracy drop "
-     "(fraction; needs labelled --eval-data)"),
-    ("gates", ["--min-speedup"], "min_speedup", "float", "fail (exit 1) below this measured speedup (times every "
+    ("budget and gates", ["--max-accuracy-drop"], "max_accuracy_drop", "float", "accuracy budget in points, with "
+     "labelled data (auto default 1.0; with an explicit --method a gate: exit 1 above it)"),
+    ("budget and gates", ["--min-top1-agreement"], "min_top1_agreement", "float", "top-1 agreement budget for "
+     "classifier outputs (auto default 0.99; explicit --method: a gate)"),
+    ("budget and gates", ["--min-sqnr"], "min_sqnr", "float", "output SQNR budget in dB for other outputs (auto "
+     "default 30; explicit --method: a gate)"),
+    ("budget and gates", ["--allow-worse"], "allow_worse", "flag", "auto: write the best candidate even when none "
+     "meets the budget or all are slower/larger than the input (default: write the lossless clean-up)"),
+    ("budget and gates", ["--strict"], "strict", "flag", "exit 1 when the result is measured below a floor "
+     "(agreement < 90%, SQNR < 10 dB, degenerate outputs) or slower or larger than the input"),
+    ("budget and gates", ["--min-speedup"], "min_speedup", "float", "fail (exit 1) below this measured speedup (times every "
      "stage on the first provider)"),
     ("target", ["--providers"], "providers", "providers", "target providers, e.g. cpu or cpu,cuda (the first sets "
      "the INT8 format and the latency guard)"),
@@ -79,6 +89,9 @@ OPTIONS = [
      "not recommended)"),
     ("run", ["--max-memory-mb"], "max_memory_mb", "int", "refuse a layer decomposition needing more memory"),
     ("run", ["--seed"], "seed", "int", "seed for random data, sampling and factorization initialisation"),
+    ("run", ["--jobs"], "jobs", "int", "worker processes for the sensitivity measurements (default: the cores "
+     "available, at most 4)"),
+    ("run", ["--executor"], "executor", "str", "where sensitivity measurements run: local | ray"),
 ]
 
 
@@ -97,6 +110,7 @@ def add_parser(sub) -> None:
     groups = {}
     for group, flags, field, kind, hlp in OPTIONS:
         g = groups.get(group) or groups.setdefault(group, po.add_argument_group(group))
+        hlp = hlp.replace("%", "%%")
         dest = field or flags[0].lstrip("-").replace("-", "_")
         shown = defaults.get(field) if field else None
         kw = {"dest": dest, "help": hlp + (f" (default: {shown})" if shown not in (None, [], {}) and

@@ -829,3 +829,75 @@ class RandomInputs:
         for start in range(0, self.n, batch_size):
             samples = [self._sample(i) for i in range(start, min(start + batch_size, self.n))]
             yield {k: np.stack([s[k] for s in samples]) for k in self.specs}, None
+
+
+class InterleavedSplit(_Base):
+    """Every `every`-th sample of a dataset (offset `offset`), or all the others (`complement=True`): a
+    held-apart split that samples the whole source evenly (image folders list their classes in order, so a
+    contiguous split would hold whole classes apart). Streams the underlying dataset."""
+
+    def __init__(self, ds, every: int, offset: int = 0, complement: bool = False, role: str = ""):
+        self.ds, self.every, self.offset, self.complement = ds, int(every), int(offset), complement
+        self.kind = getattr(ds, "kind", "")
+        self.has_labels = getattr(ds, "has_labels", False)
+        self.sample_shape = getattr(ds, "sample_shape", ())
+        self.source = getattr(ds, "source", "")
+        n = len(ds)
+        self.n = sum(1 for i in range(n) if self._keep(i))
+        self.description = f"{role or 'split'}: {self.n} of {getattr(ds, 'description', '')}"
+
+    def _keep(self, i: int) -> bool:
+        hit = i % self.every == self.offset
+        return not hit if self.complement else hit
+
+    def __len__(self) -> int:
+        return self.n
+
+    def batches(self, batch_size: int = 1) -> Iterator[Batch]:
+        bs = self._check_batch_size(batch_size)
+        pend_x, pend_y, have, i = [], [], 0, 0
+        for x, y in self.ds.batches(max(bs, 16)):
+            keys = list(x) if isinstance(x, dict) else None
+            n = len(x[keys[0]]) if keys else len(x)
+            idx = [j for j in range(n) if self._keep(i + j)]
+            i += n
+            if not idx:
+                continue
+            pend_x.append({k: x[k][idx] for k in keys} if keys else x[idx])
+            pend_y.append(None if y is None else np.asarray(y)[idx])
+            have += len(idx)
+            while have >= bs:
+                bx, by, pend_x, pend_y = _take(pend_x, pend_y, bs)
+                have -= bs
+                yield bx, by
+        if have:
+            bx, by, _, _ = _take(pend_x, pend_y, have)
+            yield bx, by
+
+
+def _take(xs: list, ys: list, n: int):
+    """The first n samples of pending batches, and what remains."""
+    if isinstance(xs[0], dict):
+        cat = {k: np.concatenate([x[k] for x in xs]) for k in xs[0]}
+        head, tail = {k: v[:n] for k, v in cat.items()}, {k: v[n:] for k, v in cat.items()}
+        rest_n = len(next(iter(tail.values())))
+    else:
+        cat = np.concatenate(xs)
+        head, tail, rest_n = cat[:n], cat[n:], len(cat) - n
+    if ys[0] is None:
+        yh, yt = None, None
+    else:
+        yc = np.concatenate(ys)
+        yh, yt = yc[:n], yc[n:]
+    return head, yh, ([tail] if rest_n else []), ([yt] if rest_n else [])
+
+
+def split_holdout(ds, fraction: float = 0.25, min_holdout: int = 16):
+    """(calibration part, held-apart part) of `ds`: every k-th sample held apart (k = round(1 / fraction)),
+    the rest for calibration; None as the held-apart part when `ds` is too small to spare `min_holdout`."""
+    n = len(ds)
+    every = max(2, int(round(1 / fraction)))
+    if n // every < min_holdout:
+        return ds, None
+    return (InterleavedSplit(ds, every, every - 1, complement=True, role="calibration split"),
+            InterleavedSplit(ds, every, every - 1, role="held-apart split"))

@@ -113,3 +113,24 @@ def channel_ranges(model: onnx.ModelProto, tensors: Sequence[str], feeds: FeedsF
     accs = {t: ChannelRange() for t in tensors}
     capture(model, {t: [a] for t, a in accs.items()}, feeds)
     return {t: (a.lo, a.hi) for t, a in accs.items()}
+
+
+class TensorRange:
+    """Accumulator: the global min and max of a tensor over every batch (what ORT's MinMax calibration keeps)."""
+
+    def __init__(self):
+        self.lo, self.hi = np.inf, -np.inf
+
+    def update(self, a: np.ndarray) -> None:
+        a = np.asarray(a)
+        if a.size:
+            self.lo, self.hi = min(self.lo, float(a.min())), max(self.hi, float(a.max()))
+
+
+def tensor_ranges(model: onnx.ModelProto, tensors: Sequence[str], feeds: FeedsFactory,
+                  shapes: dict | None = None) -> dict[str, tuple[float, float]]:
+    """Global (min, max) of `tensors` over all batches of `feeds()`, streamed (one batch of captured tensors in
+    memory at a time)."""
+    accs = {t: TensorRange() for t in dict.fromkeys(tensors)}
+    capture(model, {t: [a] for t, a in accs.items()}, feeds, shapes, label="activation ranges")
+    return {t: (a.lo, a.hi) for t, a in accs.items() if np.isfinite(a.lo)}

@@ -29,6 +29,9 @@ class Fidelity:
     accuracy_before: float | None = None
     accuracy_after: float | None = None
     accuracy_drop: float | None = None
+    output_std_before: float | None = None   # mean over output elements of their std across samples
+    output_std_after: float | None = None
+    output_max_abs_after: float | None = None
     provider: str = "cpu"
     data: str = ""
 
@@ -51,6 +54,8 @@ class FidelityAccumulator:
         self.correct_ref = 0
         self.correct_new = 0
         self.labelled = 0
+        self.moments = None          # per output element: sum and sum of squares, original and candidate
+        self.new_max = 0.0
 
     def update(self, ref: np.ndarray, new: np.ndarray, labels: np.ndarray | None = None) -> None:
         ref = np.asarray(ref, np.float64)
@@ -61,6 +66,10 @@ class FidelityAccumulator:
         self.noise += float(np.sum((ref - new) ** 2))
         self.max_abs = max(self.max_abs, float(np.max(np.abs(ref - new))) if ref.size else 0.0)
         r2, n2 = ref.reshape(n, -1), new.reshape(n, -1)
+        if r2.shape[1] <= 1 << 16:   # degenerate-output check (bounded memory: one vector per moment)
+            m = np.stack([r2.sum(0), (r2 * r2).sum(0), n2.sum(0), (n2 * n2).sum(0)])
+            self.moments = m if self.moments is None or self.moments.shape != m.shape else self.moments + m
+        self.new_max = max(self.new_max, float(np.max(np.abs(new))) if new.size else 0.0)
         den = np.linalg.norm(r2, axis=1) * np.linalg.norm(n2, axis=1)
         self.cos_sum += float(np.sum(np.where(den > 0, np.sum(r2 * n2, axis=1) / np.maximum(den, 1e-300), 1.0)))
         if ref.ndim != 2 or ref.shape[1] < 2:
@@ -86,6 +95,11 @@ class FidelityAccumulator:
             f.sqnr_db = 999.0
         f.max_abs_diff = self.max_abs
         f.cosine = self.cos_sum / self.n
+        f.output_max_abs_after = self.new_max
+        if self.moments is not None and self.n > 1:
+            mean = self.moments / self.n
+            f.output_std_before = float(np.mean(np.sqrt(np.maximum(mean[1] - mean[0] ** 2, 0.0))))
+            f.output_std_after = float(np.mean(np.sqrt(np.maximum(mean[3] - mean[2] ** 2, 0.0))))
         if self.classes:
             f.top1_agreement = self.agree1 / self.n
             f.top5_agreement = self.agree5 / self.n

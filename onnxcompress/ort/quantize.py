@@ -172,3 +172,85 @@ def quantized_summary(model: onnx.ModelProto) -> dict:
     """Which compute nodes run as integer kernels, and which Conv/Gemm/MatMul/Add stay float."""
     q = _quantized_nodes(model)
     return {"quantized_nodes": q, "quantized_ops": _count_ops(q), "float_ops_left": _float_compute_ops(model)}
+
+
+def _activation_qparams(lo: float, hi: float, fmt: Int8Format) -> tuple[float, int, int, int]:
+    """(scale, zero point, qmin, qmax) of an activation range as ORT's MinMax QDQ computes it."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if fmt.activations == "uint8" and not fmt.symmetric_activations:
+        scale = (hi - lo) / 255.0 or 1.0
+        return scale, int(round(-lo / scale)), 0, 255
+    m = max(abs(lo), abs(hi))
+    return (m / 127.0 or 1.0), 0, -127, 127
+
+
+def fake_quant_weight(w, axis: int = 0):
+    """Per-channel symmetric int8 quantize-dequantize of a weight along `axis` (the output channels)."""
+    import numpy as np
+
+    w = np.asarray(w)
+    red = tuple(i for i in range(w.ndim) if i != axis)
+    scale = np.abs(w).max(axis=red, keepdims=True) / 127.0
+    scale = np.where(scale > 0, scale, 1.0)
+    return (np.clip(np.round(w / scale), -127, 127) * scale).astype(w.dtype)
+
+
+def simulate_int8(model: onnx.ModelProto, nodes: Sequence[str], ranges: dict[str, tuple[float, float]],
+                  fmt: Int8Format) -> onnx.ModelProto:
+    """`model` with only `nodes` in simulated INT8 (QDQ semantics of the INT8 pass): their constant weights
+    quantized-dequantized per output channel, their activation inputs and outputs passed through
+    QuantizeLinear → DequantizeLinear with the scales MinMax calibration gives for `ranges` (an integer kernel
+    requantizes its output too). Float everywhere else: a cheap, calibration-free measurement of one layer's
+    INT8 sensitivity."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inits = {t.name: t for t in m.graph.initializer}
+    wanted = set(nodes)
+    ordered, extra_inits = [], []
+
+    def qdq(x: str, base: str, rng: tuple[float, float]) -> list:
+        scale, zp, _, _ = _activation_qparams(*rng, fmt)
+        zt = onnx.TensorProto.UINT8 if fmt.activations == "uint8" and not fmt.symmetric_activations \
+            else onnx.TensorProto.INT8
+        extra_inits.extend([numpy_helper.from_array(np.array(scale, np.float32), base + "_s"),
+                            helper.make_tensor(base + "_z", zt, [], [zp])])
+        return [helper.make_node("QuantizeLinear", [x, base + "_s", base + "_z"], [base + "_q"]),
+                helper.make_node("DequantizeLinear", [base + "_q", base + "_s", base + "_z"], [base + "_dq"])]
+
+    graph_outputs = {o.name for o in m.graph.output}
+    for n in m.graph.node:
+        new_nodes, after = [], []
+        if n.name in wanted:
+            for k, x in enumerate(n.input):
+                if not x:
+                    continue
+                if x in inits:
+                    w = numpy_helper.to_array(inits[x])
+                    if w.ndim < 2 or not np.issubdtype(w.dtype, np.floating) or (n.op_type == "Conv" and k == 2):
+                        continue
+                    axis = 1 if n.op_type == "MatMul" and k == 1 else (
+                        1 if n.op_type == "Gemm" and k == 1 and not any(a.name == "transB" and a.i for a in
+                                                                        n.attribute) else 0)
+                    name = f"{n.name}/{x}_fq"
+                    extra_inits.append(numpy_helper.from_array(fake_quant_weight(w, axis), name))
+                    n.input[k] = name
+                elif x in ranges:
+                    base = f"{n.name}/{x}_sim"
+                    new_nodes += qdq(x, base, ranges[x])
+                    n.input[k] = base + "_dq"
+            y = n.output[0]
+            if y in ranges and y not in graph_outputs:
+                base = f"{n.name}/{y}_simout"
+                n.output[0] = base + "_raw"
+                after = qdq(base + "_raw", base, ranges[y])
+                after[-1].output[0] = y
+        keep = onnx.NodeProto()
+        keep.CopyFrom(n)
+        ordered += new_nodes + [keep] + after
+    m.graph.initializer.extend(extra_inits)
+    del m.graph.node[:]
+    m.graph.node.extend(ordered)
+    return m

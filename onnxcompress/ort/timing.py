@@ -288,3 +288,48 @@ def ort_kernels(model, provider: str = "cpu", threads: int | None = 1) -> dict:
     return {"ops": dict(ops),
             "conv_int": sum(ops[o] for o in INT_CONV), "conv_float": sum(ops[o] for o in FLOAT_CONV),
             "add_int": sum(ops[o] for o in INT_ADD), "add_float": sum(ops[o] for o in FLOAT_ADD) + fused_adds}
+
+
+def time_models(models: Sequence, provider: str = "cpu", threads: int | None = 1, warmup: int = 2,
+                runs: int = 7, seed: int = 0) -> list[float]:
+    """The fastest of `runs` interleaved runs of each model (seconds), each fed seeded random inputs of its
+    own input types (the same values for models with the same inputs). The minimum, not the median: on a
+    loaded machine preemption only ever adds time, and a handful of runs is too few for a median to shed it."""
+    protos = [m if isinstance(m, onnx.ModelProto) else onnx.load(m, load_external_data=False) for m in models]
+    sessions = [make_session(m, provider, threads=threads) for m in models]
+    feeds = [model_feeds(p, seed=seed)[0] for p in protos]
+    t = time_interleaved([lambda s=s, f=f: s.run(None, f) for s, f in zip(sessions, feeds)], warmup, runs)
+    return [float(np.min(x)) for x in t]
+
+
+#: the result counts as slower than the input beyond this many times its median latency (measurement noise)
+SLOWER_MARGIN = 1.03
+
+
+def compare_latency(original, candidate, provider: str = "cpu", input_shape=None, threads: int | None = 1,
+                    seed: int = 0, target_seconds: float = 2.0) -> dict:
+    """Median latency of `original` and `candidate`, interleaved in one process, enough runs for about
+    `target_seconds`; `slower` only when the candidate is over SLOWER_MARGIN x the original in two
+    measurements (a borderline first verdict is measured again)."""
+    rep = bench([original, candidate], [provider], threads=threads, warmup=2, runs=3, input_shape=input_shape,
+                names=["input", "result"], seed=seed)
+    pb = rep.providers[0]
+    if pb.skipped or any(m.error for m in pb.models):
+        return {"provider": provider, "skipped": pb.skipped or next(m.error for m in pb.models if m.error)}
+    per_round = sum(m.median_ms for m in pb.models) / 1e3
+    runs = int(min(200, max(10, target_seconds / max(per_round, 1e-6))))
+    verdicts = []
+    for _ in range(2):
+        rep = bench([original, candidate], [provider], threads=threads, warmup=2, runs=runs,
+                    input_shape=input_shape, names=["input", "result"], seed=seed)
+        a, b = rep.providers[0].models
+        verdicts.append((a.median_ms, b.median_ms))
+        if b.median_ms <= a.median_ms * SLOWER_MARGIN or b.median_ms > a.median_ms * 1.25:
+            break                              # a clear verdict: no second measurement needed
+    before = statistics.median(v[0] for v in verdicts)
+    after = statistics.median(v[1] for v in verdicts)
+    return {"provider": provider, "threads": threads, "runs": runs, "measurements": len(verdicts),
+            "median_ms_before": before, "median_ms_after": after, "speedup": before / after if after else None,
+            "slower": all(b > a * SLOWER_MARGIN for a, b in verdicts),
+            "method": "interleaved runs in one process, median; slower = over "
+                      f"{SLOWER_MARGIN:g}x the input in every measurement"}

@@ -26,6 +26,9 @@ class LayerRecord:
     macs_after: int | None = None
     weight_rel_error: float | None = None
     skipped: str | None = None          # reason; None when the layer was rewritten
+    precision: str | None = None        # "int8" | "float" | "fp16" as the layer runs in the result
+    predicted_degradation: float | None = None   # output-noise energy the planner predicted for this layer
+    measured_latency_gain: float | None = None   # ms saved by this layer, one-layer timing (auto, guard)
     new_nodes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -45,5 +45,6 @@ class QuantizeInt8(Pass):
         info = {"int8": {**self.fmt.to_dict(), **({"opset_upgraded_to": 13} if facts["opset_upgraded_to"] else {}),
                          "calibration": self.calibration_label},
                 "quantized_ops": summary["quantized_ops"], "float_ops_left": summary["float_ops_left"],
+                "quantized_nodes": [n for n, _ in summary["quantized_nodes"]],
                 "excluded": facts["excluded"]}
         return PassResult(model=out, modified=True, layers=records, lossless=False, info=info)

@@ -95,14 +95,52 @@ class Planner:
         self.multiple = int(m if m is not None else (8 if (recipe.providers or ["cpu"])[0] == "cpu" else 1))
 
     # ------------------------------------------------------------------------------------------ methods
+    def candidate_methods(self, info) -> tuple[list[str], str | None]:
+        """The methods `--method auto` may try on a layer (overrides, skip rules and what each method takes
+        respected), or ([], why not)."""
+        r = self.recipe
+        o = r.override_for(info.name, info.index)
+        if o is not None and o.method not in (None, "auto"):
+            m, why = self.method_for(info)
+            if why is None:
+                why = self.methods[m].takes(info) or self._selection_reason(info)
+            return ([m], None) if why is None else ([], why)
+        if o is not None and o.skip:
+            return [], "skipped by the recipe"
+        why = self._selection_reason(info)
+        if why:
+            return [], why
+        family = self._family(info)
+        names = [m for m in ((*KXK_METHODS,) if family == "kxk" else ("svd",)) if m in self.methods]
+        ok = [m for m in names if self.methods[m].takes(info) is None]
+        if not ok:
+            return [], next((self.methods[m].takes(info) for m in names), "no method takes it")
+        return ok, None
+
+    def _selection_reason(self, info) -> str | None:
+        r = self.recipe
+        why = r.selected(info.name)
+        if why:
+            return why
+        is_conv = getattr(info, "kind", "conv") == "conv"
+        if r.skip_first and is_conv and info.index == 0:
+            return "first conv (skip_first)"
+        if not is_conv and getattr(info, "last", False) and r.svd_skip_last:
+            return "last Gemm/MatMul (classifier; svd_skip_last)"
+        return None
+
     def method_for(self, info) -> tuple[str | None, str | None]:
-        """(method, None) for a layer, or (None, reason) when no method applies; overrides first."""
+        """(method, None) for a layer, or (None, reason) when no method applies; overrides first. Under
+        `--method auto` the first of the layer's candidate methods."""
         r = self.recipe
         o = r.override_for(info.name, info.index)
         if o is not None and o.skip:
             return None, "skipped by the recipe"
         asked = o.method if o is not None and o.method is not None else r.method
         explicit = o is not None and o.method is not None
+        if asked == "auto":
+            ms, why = self.candidate_methods(info)
+            return (ms[0], None) if ms else (None, why)
         if asked == "none":
             return None, "recipe asks for method none" if explicit else "method none"
         family = self._family(info)
@@ -170,15 +208,7 @@ class Planner:
                 return f"chain would not shrink at ratio {o.ratio:g}"
             lp.ranks, lp.planned, lp.asked_ratio = rr, rr, float(o.ratio)
             return None
-        why = r.selected(info.name)
-        if why:
-            return why
-        is_conv = getattr(info, "kind", "conv") == "conv"
-        if r.skip_first and is_conv and info.index == 0:
-            return "first conv (skip_first)"
-        if not is_conv and getattr(info, "last", False) and r.svd_skip_last:
-            return "last Gemm/MatMul (classifier; svd_skip_last)"
-        return False
+        return self._selection_reason(info) or False
 
     def _target(self, infos) -> tuple[str, float]:
         r = self.recipe
@@ -299,19 +329,28 @@ class Planner:
             lp = plan.layers[info.name]
             if lp.ranks is None or lp.explicit:
                 continue
-            c = self.methods[lp.method]
-            tgt = target if c.cost_known(info, target) else "params"
-            goal = c.cost(info, lp.ranks, tgt)
-            c0 = c.cost(info, None, tgt)
-            floor = c0 / (MAX_ALIGN_OVERSHOOT * lp.asked_ratio) if lp.asked_ratio else goal / MAX_ALIGN_OVERSHOOT
-            opts = c.aligned_options(info, lp.ranks, m)
-            pick = closest_by_cost(c, info, opts, goal, tgt,
-                                   ok=lambda rr: floor <= c.cost(info, rr, tgt) < c0)
+            pick, why = align(self.methods[lp.method], info, lp.ranks, m, target, lp.asked_ratio)
             if pick is None:
-                lp.keep(_misaligned(c, info, lp.ranks, opts, m, tgt, c0, goal, lp.asked_ratio))
+                lp.keep(why)
             elif pick != lp.ranks:
                 lp.extra["aligned_from"] = list(lp.ranks)
                 lp.ranks = pick
+
+
+def align(c: CostModel, info, ranks: Ranks, multiple: int, target: str = "params",
+          asked_ratio: float | None = None) -> tuple[Ranks | None, str | None]:
+    """The aligned ranks closest in cost to `ranks` (each rank the multiple just below or above), that still
+    shrink the layer and stay within MAX_ALIGN_OVERSHOOT x the asked ratio (else of the planned one); (None,
+    why) when no option fits."""
+    tgt = target if c.cost_known(info, target) else "params"
+    goal = c.cost(info, ranks, tgt)
+    c0 = c.cost(info, None, tgt)
+    floor = c0 / (MAX_ALIGN_OVERSHOOT * asked_ratio) if asked_ratio else goal / MAX_ALIGN_OVERSHOOT
+    opts = c.aligned_options(info, ranks, multiple)
+    pick = closest_by_cost(c, info, opts, goal, tgt, ok=lambda rr: floor <= c.cost(info, rr, tgt) < c0)
+    if pick is None:
+        return None, _misaligned(c, info, ranks, opts, multiple, tgt, c0, goal, asked_ratio)
+    return pick, None
 
 
 def _misaligned(c: CostModel, info, ranks, opts, m: int, tgt: str, c0: float, goal: float,

@@ -25,7 +25,10 @@ class Report:
     fidelity: dict[str, Any] | None = None
     quantization: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] | None = None
-    latency: dict[str, Any] | None = None    # stage timings (--min-speedup) and the latency guard's summary
+    latency: dict[str, Any] | None = None    # whole-model latency vs the input, stage timings, the guard's summary
+    budget: dict[str, Any] | None = None     # auto: kind, limit, predicted, measured, rounds
+    frontier: list[dict[str, Any]] = field(default_factory=list)   # auto: every verified candidate
+    auto: dict[str, Any] | None = None       # auto: what was measured and decided
     recipe: dict[str, Any] = field(default_factory=dict)
     gates: list[Gate] = field(default_factory=list)
     passed: bool = True
@@ -58,23 +61,37 @@ def _ratio(a, b) -> str:
     return f"{a / b:.2f}x"
 
 
+def wrap_table(rows: list[tuple], max_width: int = 60) -> list[str]:
+    """A plain-text table; cells longer than `max_width` wrap onto continuation lines, never cut (layer names
+    are what --include globs match)."""
+    import textwrap
+
+    widths = [min(max(len(str(row[i])) for row in rows), max_width) for i in range(len(rows[0]))]
+    lines = []
+    for j, row in enumerate(rows):
+        cells = [textwrap.wrap(str(c), w, break_long_words=True, break_on_hyphens=False) or [""]
+                 for c, w in zip(row, widths)]
+        for k in range(max(len(c) for c in cells)):
+            lines.append("  ".join((c[k] if k < len(c) else "").ljust(w) for c, w in zip(cells, widths)).rstrip())
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return lines
+
+
 def render_table(r: Report, max_layers: int = 200) -> str:
     lines = []
-    rows = [("layer", "kernel", "method", "ranks", "params", "rel.err", "note")]
+    rows = [("layer", "kernel", "method", "ranks", "precision", "params", "rel.err", "note")]
     for l in r.layers[:max_layers]:
         kernel = "x".join(str(k) for k in (l.get("kernel_shape") or [])) or "-"
         ranks = ",".join(str(k) for k in (l.get("ranks") or [])) or "-"
         pb, pa = l.get("params_before"), l.get("params_after")
         params = f"{_n(pb)} -> {_n(pa)}" if l.get("skipped") is None else _n(pb)
         err = l.get("weight_rel_error")
-        rows.append((l["name"], kernel, l.get("method", ""), ranks, params,
-                     "-" if err is None else f"{err:.3f}", (l.get("skipped") or "")[:60]))
+        method = l.get("method", "") if l.get("skipped") is None else "-"
+        rows.append((l["name"], kernel, method, ranks, l.get("precision") or "-", params,
+                     "-" if err is None else f"{err:.3f}", l.get("skipped") or ""))
     if len(rows) > 1:
-        widths = [min(max(len(str(row[i])) for row in rows), 48) for i in range(len(rows[0]))]
-        for j, row in enumerate(rows):
-            lines.append("  ".join(str(c)[:48].ljust(w) for c, w in zip(row, widths)).rstrip())
-            if j == 0:
-                lines.append("  ".join("-" * w for w in widths))
+        lines += wrap_table(rows)
         if len(r.layers) > max_layers:
             lines.append(f"... {len(r.layers) - max_layers} more layers in the JSON report")
         lines.append("")
@@ -116,6 +133,14 @@ def render_table(r: Report, max_layers: int = 200) -> str:
             lines.append(f"accuracy {100 * f['accuracy_before']:.2f}% -> {100 * f['accuracy_after']:.2f}% "
                          f"(drop {100 * f['accuracy_drop']:.2f} points)")
     lat = r.latency or {}
+    if lat.get("median_ms_before") is not None and lat.get("median_ms_after") is not None:
+        lines.append(f"latency {lat['median_ms_before']:.3f} ms -> {lat['median_ms_after']:.3f} ms "
+                     f"({lat.get('speedup') or 0:.2f}x, {lat.get('provider')}, {lat.get('threads')} thread(s), "
+                     f"interleaved median)" + (" SLOWER than the input" if lat.get("slower") else ""))
+    if r.budget:
+        b = r.budget
+        lines.append(f"budget  {b.get('description')}: measured {b.get('measured')}, {b.get('rounds')} "
+                     f"candidate(s) verified on {b.get('data')}")
     if lat.get("stages"):
         lines.append(f"latency ({lat.get('provider')}, {lat.get('threads')} thread(s), median) "
                      + ", ".join(f"{s['name']} {s['median_ms']:.2f} ms" for s in lat["stages"]
