@@ -28,7 +28,7 @@ from .passes.base import LayerRecord, Wiring
 from .passes.manager import PassManager
 from .planning.planner import Plan, Planner
 from .recipe import Recipe
-from .report.report import Gate, Report
+from .report.report import Gate, Report, nothing_changed
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -70,11 +70,15 @@ class Run:
     """One optimize call: the recipe, its data (opened once, before any work), the report."""
 
     def __init__(self, recipe, calibration, eval_data, progress):
+        from .ort.providers import require_available
+
         self.recipe = (recipe or Recipe()).validate()
+        provider_warnings = require_available(self.recipe.providers, self.recipe.allow_unavailable_providers,
+                                              "optimize")
         self.calibration_src = calibration if calibration is not None else self.recipe.calibration
         self.eval_src = eval_data if eval_data is not None else self.recipe.eval_data
         self.progress = progress
-        self.report = Report(recipe=self.recipe.to_dict(), versions=_versions())
+        self.report = Report(recipe=self.recipe.to_dict(), versions=_versions(), warnings=list(provider_warnings))
         self.data_aware = None
 
     def note(self, msg: str) -> None:
@@ -137,6 +141,9 @@ class Run:
         pm = PassManager(self.shapes, verify=r.verify, progress=self.progress, seed=r.seed)
         clean = pm.run(model, [p() for p in registry.CLEANUP] if r.fold_bn else [])
         self.clean, self.clean_records = clean, list(pm.records)
+        self.folded = next((res.info for _, res in pm.results if "fold_constants" in res.info), {})
+        if (self.folded.get("fold_constants") or {}).get("note"):
+            report.warnings.append(self.folded["fold_constants_line"])
         layers = collect_layers(clean, self.shapes)
         if r.method == "auto":
             from .auto.driver import optimize_auto
@@ -354,6 +361,8 @@ class Run:
             "decomposed_params_after": sum(x.params_after for x in done),
             "input_shapes": {k: list(v) for k, v in self.shapes.items()},
         }
+        if getattr(self, "folded", None):
+            m["fold_constants"] = self.folded["fold_constants"]
         if plan.notes:
             m["allocation_notes"] = list(plan.notes)
         if plan.summary:
@@ -362,9 +371,9 @@ class Run:
             m["decomposed_ratio"] = m["decomposed_params_before"] / max(m["decomposed_params_after"], 1)
         if self.data_aware is not None:
             m["data_aware"] = {**self.data_aware.facts, "method": self.data_aware.method}
-        if not done and not int8_nodes and not any(p.name == "ConvertFP16" for p, _ in results):
-            report.warnings.append("nothing was compressed: no layer was rewritten and nothing quantized "
-                                   "(see each layer's reason)")
+        unchanged = nothing_changed(report.passes, report.layers)
+        if unchanged:
+            report.warnings.append(unchanged)
         for k, v in extra.items():
             setattr(report, k, v)
 
@@ -429,12 +438,9 @@ def _kernel_shape(info) -> list[int] | None:
 
 def _file_bytes(path) -> int | None:
     """Bytes of an ONNX file with its external data files."""
-    from .ir.modelio import external_data_files
+    from .ir.modelio import stored_bytes
 
-    p = Path(path)
-    if not p.exists():
-        return None
-    return p.stat().st_size + sum(f.stat().st_size for f in external_data_files(p))
+    return stored_bytes(path) if Path(path).exists() else None
 
 
 def _gates(recipe: Recipe, report: Report, fid: Fidelity, floors: list[str]) -> None:

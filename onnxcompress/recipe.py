@@ -57,6 +57,7 @@ class Recipe:
     fold_bn: bool = True
     verify: bool = True
     providers: list[str] = field(default_factory=lambda: ["cpu"])
+    allow_unavailable_providers: bool = False   # else a provider that cannot run here is an error
     min_top1_agreement: float | None = None   # gate; the auto budget (default 0.99) for classifier outputs
     max_accuracy_drop: float | None = None    # points; gate; the auto budget (default 1.0) with labelled data
     min_sqnr: float | None = None             # dB; gate; the auto budget (default 30) for other outputs

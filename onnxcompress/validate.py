@@ -93,18 +93,22 @@ def _f(x, fmt: str) -> str:
 # ------------------------------------------------------------------------------------------ validate
 def validate(original, optimized, data, providers: Sequence[str] = ("cpu",), labels=None, preprocess=None,
              input_shape: dict[str, Sequence[int]] | None = None, samples: int | None = None,
-             batch_size: int = 16, seed: int = 0, output_index: int = 0) -> ValidationReport:
-    """Compare `optimized` with `original` (paths or ModelProtos) on `data` on every provider."""
+             batch_size: int = 16, seed: int = 0, output_index: int = 0, force: bool = False) -> ValidationReport:
+    """Compare `optimized` with `original` (paths or ModelProtos) on `data` on every provider. Models whose
+    inputs or outputs differ (names, element types, static shapes) are refused unless `force`."""
     orig_name = str(original) if not isinstance(original, onnx.ModelProto) else "<original model>"
     opt_name = str(optimized) if not isinstance(optimized, onnx.ModelProto) else "<optimized model>"
     m0 = original if isinstance(original, onnx.ModelProto) else load_model(original)
     m1 = optimized if isinstance(optimized, onnx.ModelProto) else load_model(optimized)
     ins0 = [i.name for i in m0.graph.input if i.name not in {t.name for t in m0.graph.initializer}]
     ins1 = [i.name for i in m1.graph.input if i.name not in {t.name for t in m1.graph.initializer}]
+    from .ir.signature import io_mismatch
+
+    mismatch = io_mismatch(m0, m1)
+    if mismatch and not force:
+        raise UserError(f"{mismatch}: not an optimized copy of the original? (--force compares them anyway)")
     if ins0 != ins1:
         raise UserError(f"the models' inputs differ: {', '.join(ins0)} vs {', '.join(ins1)}")
-    if len(m0.graph.output) != len(m1.graph.output):
-        raise UserError("the models have different numbers of outputs")
     shapes = input_shapes(m0, {k: tuple(v) for k, v in (input_shape or {}).items()})
     if not shapes:
         raise UserError("model has no inputs")
@@ -115,6 +119,8 @@ def validate(original, optimized, data, providers: Sequence[str] = ("cpu",), lab
                            optimized_quantized=q)
     if getattr(ds, "kind", "") == "random":
         rep.notes.append("random inputs (not real data): agreement and SQNR say little about accuracy")
+    if mismatch:
+        rep.notes.append(f"forced: {mismatch}")
     if labels is not None and not rep.labelled:
         rep.notes.append("labels were given but the data source did not use them")
 
@@ -140,8 +146,15 @@ def validate(original, optimized, data, providers: Sequence[str] = ("cpu",), lab
             pv.note = None
             continue
         acc = FidelityAccumulator()
-        for feeds, lab in inputs_for_model(m0, ds, batch_size=batch_size):
-            acc.update(a.run(None, feeds)[output_index], b.run(None, feeds)[output_index], lab)
+        from .ir.shapes import fixed_batch
+
+        bs = fixed_batch(m1, ins0[0]) or batch_size   # either model may fix the batch
+        for feeds, lab in inputs_for_model(m0, ds, batch_size=bs):
+            ya, yb = a.run(None, feeds)[output_index], b.run(None, feeds)[output_index]
+            if ya.shape != yb.shape:
+                raise UserError(f"output {output_index} has shape {list(ya.shape)} in the original and "
+                                f"{list(yb.shape)} in the optimized model: cannot compare them")
+            acc.update(ya, yb, lab)
         f = acc.result(prov, rep.data)
         for k in fields(Fidelity):
             setattr(pv, k.name, getattr(f, k.name))

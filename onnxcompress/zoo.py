@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -333,7 +332,9 @@ def export(
 
     shape = INPUT_SHAPES[dataset]
     dummy = torch.zeros(shape)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    from .ir.modelio import create_temp
+
+    fd, tmp = create_temp(out.parent, out.name)   # the mode a file the user writes gets (umask)
     os.close(fd)
     try:
         kwargs = {}
@@ -358,7 +359,6 @@ def export(
         onnx.save(proto, tmp)
         if verify:
             _ort_check(Path(tmp), reference, shape, name)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

@@ -29,6 +29,13 @@ def _single_thread_blas():
         yield
 
 
+@pytest.fixture(autouse=True)
+def _own_latency_cache(tmp_path_factory, monkeypatch):
+    """Each test gets an empty latency-guard timing cache: no test reads timings another stored (or the
+    user's ~/.cache), none writes fake timings where a real run would find them."""
+    monkeypatch.setenv("ONNXCOMPRESS_LATENCY_CACHE", str(tmp_path_factory.mktemp("latency")))
+
+
 def conv_model(T=8, S=6, kernel=(3, 3), strides=None, pads=None, dilations=None, auto_pad=None, bias=True,
                group=1, hw=(9, 11), batch=2, seed=0, weight_as_constant_node=False, bn=False,
                dynamic_batch=False, opset=OPSET) -> onnx.ModelProto:

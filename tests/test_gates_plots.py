@@ -47,7 +47,8 @@ def test_min_speedup_on_missing_provider_fails_with_warning(model_file):
     from onnxcompress.ort.session import provider_status
     if provider_status("cuda") is None:
         pytest.skip("CUDA available here")
-    res = optimize(str(model_file), Recipe(method="none", quantize="none", providers=["cuda"], min_speedup=1.0))
+    res = optimize(str(model_file), Recipe(method="none", quantize="none", providers=["cuda"], min_speedup=1.0,
+                                           allow_unavailable_providers=True))
     assert not res.passed
     assert res.report.latency.get("skipped")
     assert any("min-speedup" in w for w in res.report.warnings)

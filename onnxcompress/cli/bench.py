@@ -12,6 +12,8 @@ def add_parser(sub) -> None:
                         formatter_class=Formatter)
     pb.add_argument("models", nargs="+", metavar="MODEL", help="models to time (the first is the baseline)")
     add_providers(pb)
+    pb.add_argument("--allow-unavailable-providers", action="store_true",
+                    help="list a requested provider that cannot run here as skipped instead of failing (exit 2)")
     pb.add_argument("--threads", type=int, default=1, help="ORT intra-op threads (0 = ORT's default)")
     pb.add_argument("--warmup", type=int, default=5, help="untimed runs per model first")
     pb.add_argument("--runs", type=int, default=20, help="timed runs per model, interleaved")
@@ -26,7 +28,10 @@ def run(args) -> int:
     from ..ort.timing import bench
     from ..recipe import parse_input_shapes
 
+    from ..ort.providers import require_available, require_ran
+
     provs = providers(args.providers)
+    require_available(provs, args.allow_unavailable_providers)
     check_files(args.models)
     if args.threads < 0 or args.warmup < 0 or args.runs < 1:
         raise UserError("--threads and --warmup must be >= 0, --runs >= 1")
@@ -36,6 +41,7 @@ def run(args) -> int:
         load_model(p)
     rep = bench(args.models, provs, threads=args.threads or None, warmup=args.warmup, runs=args.runs,
                 input_shape=parse_input_shapes(args.input_shape))
+    require_ran([(p.provider, p.skipped) for p in rep.providers if p.skipped], args.allow_unavailable_providers)
     if args.json:
         write_text_atomic(json.dumps(rep.to_dict(), indent=2) + "\n", args.json)
     if args.plots:

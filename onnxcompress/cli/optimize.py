@@ -80,6 +80,8 @@ OPTIONS = [
      "stage on the first provider)"),
     ("target", ["--providers"], "providers", "providers", "target providers, e.g. cpu or cpu,cuda (the first sets "
      "the INT8 format and the latency guard)"),
+    ("target", ["--allow-unavailable-providers"], "allow_unavailable_providers", "flag", "prepare the model for "
+     "a provider that cannot run here (nothing is run or timed on it; the report warns) instead of exit 2"),
     ("target", ["--latency-guard"], "latency_guard", "flag", "time each planned chain against its layer and keep "
      "the layer where the chain is not faster (default: on for the cpu provider)"),
     ("target", ["--no-latency-guard"], "latency_guard", ("no", "--latency-guard"), "no latency guard"),

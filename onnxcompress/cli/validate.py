@@ -15,6 +15,10 @@ def add_parser(sub) -> None:
     add_data(pv, required=True)
     add_input_shape(pv)
     add_providers(pv)
+    pv.add_argument("--allow-unavailable-providers", action="store_true",
+                    help="list a requested provider that cannot run here as skipped instead of failing (exit 2)")
+    pv.add_argument("--force", action="store_true", help="compare even when the models' inputs/outputs differ in "
+                    "name, type or shape (default: refuse, exit 2)")
     pv.add_argument("--samples", type=int, help="at most this many samples (default: all)")
     pv.add_argument("--json", metavar="FILE", help="write the JSON result here")
     pv.add_argument("--plots", metavar="DIR", help="write agreement_vs_compression.png into this folder")
@@ -26,7 +30,10 @@ def run(args) -> int:
     from ..recipe import parse_input_shapes
     from ..validate import validate
 
+    from ..ort.providers import require_available, require_ran
+
     provs = providers(args.providers)
+    require_available(provs, args.allow_unavailable_providers)
     check_files([args.original, args.optimized])
     if args.samples is not None and args.samples < 1:
         raise UserError("--samples must be >= 1")
@@ -34,7 +41,8 @@ def run(args) -> int:
         check_output_path(args.json, [args.original, args.optimized])
     rep = validate(args.original, args.optimized, args.data, provs, labels=args.labels,
                    preprocess=args.preprocess, input_shape=parse_input_shapes(args.input_shape),
-                   samples=args.samples)
+                   samples=args.samples, force=args.force)
+    require_ran([(p.provider, p.skipped) for p in rep.providers if p.skipped], args.allow_unavailable_providers)
     if args.json:
         write_text_atomic(json.dumps(rep.to_dict(), indent=2) + "\n", args.json)
     if args.plots:

@@ -73,10 +73,17 @@ def _attr(node: onnx.NodeProto, name: str, default):
 
 
 def model_bytes(model: onnx.ModelProto) -> int:
+    """Serialized size, tensor data included (external-data tensors not loaded count their `length`)."""
     try:
-        return model.ByteSize()
+        n = model.ByteSize()
     except Exception:
         return -1
+    from onnx.external_data_helper import _get_all_tensors
+
+    for t in _get_all_tensors(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            n += int(next((e.value for e in t.external_data if e.key == "length"), 0) or 0)
+    return n
 
 
 def has_quantized_ops(model: onnx.ModelProto) -> list[str]:

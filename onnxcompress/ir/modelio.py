@@ -92,22 +92,42 @@ def check_output_path(out: str | os.PathLike, inputs: list[str | os.PathLike]) -
     return o
 
 
-def external_data_files(path: str | os.PathLike) -> list[Path]:
-    """The external data files an ONNX file refers to (existing ones, each once)."""
+def stored_bytes(path: str | os.PathLike) -> int:
+    """Bytes the model at `path` takes on disk: the .onnx file plus every external-data file it references
+    (each counted once)."""
     p = Path(path)
+    total = p.stat().st_size
     try:
-        model = onnx.load(str(p), load_external_data=False)
-    except Exception:  # noqa: BLE001 - not a readable model: no external data to count
-        return []
-    out = []
-    for t in _all_tensors(model):
+        m = onnx.load(str(p), load_external_data=False)
+    except Exception:   # noqa: BLE001 - unreadable: the file size is all there is
+        return total
+    seen = set()
+    for t in _all_tensors(m):
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
         loc = next((e.value for e in t.external_data if e.key == "location"), "")
-        f = p.parent / loc
-        if loc and f.is_file() and f not in out:
-            out.append(f)
-    return out
+        f = (p.parent / loc) if loc else None
+        if f is not None and loc not in seen and f.is_file():
+            seen.add(loc)
+            total += f.stat().st_size
+    return total
+
+
+def create_temp(parent: str | os.PathLike, name: str) -> tuple[int, str]:
+    """A new, empty temp file `.<name>.<random>.tmp` in `parent`, opened for writing: (fd, path).
+
+    Created like any file the user writes (``open(..., 'w')``: mode 0666 less the umask, the folder's default
+    ACL), not 0600 as ``tempfile.mkstemp`` makes it: the mode survives the rename into place, so outputs
+    would otherwise be private whatever the umask."""
+    import secrets
+
+    for _ in range(100):
+        path = os.path.join(os.fspath(parent), f".{name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a temporary file in {parent}")
 
 
 def uses_external_data(path: str | os.PathLike) -> bool:
@@ -128,7 +148,7 @@ def save_model_atomic(model: onnx.ModelProto, out: str | os.PathLike, external: 
     parent = o.parent if str(o.parent) else Path(".")
     big = model.ByteSize() > _TWO_GB if _fits_bytesize(model) else True
     big = big or bool(external)
-    fd, tmp = tempfile.mkstemp(prefix=f".{o.name}.", suffix=".tmp", dir=parent)
+    fd, tmp = create_temp(parent, o.name)
     os.close(fd)
     tmp_data = None
     try:
@@ -137,7 +157,9 @@ def save_model_atomic(model: onnx.ModelProto, out: str | os.PathLike, external: 
             m.CopyFrom(model)  # onnx.save_model rewrites tensors to external references in place
             model = m
             data_name = o.name + ".data"
-            tmp_data = parent / f".{data_name}.tmp"
+            fd_data, tmp_data = create_temp(parent, data_name)   # onnx would create it 0600
+            os.close(fd_data)
+            tmp_data = Path(tmp_data)
             onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
                             location=tmp_data.name, size_threshold=1024)
             # the proto names the temp data file; rewrite the location to the final one
@@ -174,7 +196,7 @@ def _fits_bytesize(model: onnx.ModelProto) -> bool:
 def write_text_atomic(text: str, out: str | os.PathLike) -> Path:
     o = Path(out)
     parent = o.parent if str(o.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{o.name}.", suffix=".tmp", dir=parent)
+    fd, tmp = create_temp(parent, o.name)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

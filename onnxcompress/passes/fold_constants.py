@@ -132,7 +132,7 @@ class FoldConstants(Pass):
     name = "FoldConstants"
     lossless = True
 
-    def run(self, model: onnx.ModelProto, progress=None) -> PassResult:
+    def run(self, model: onnx.ModelProto, ctx: PassContext | None = None) -> PassResult:
         out, s = fold_constants(model)
         return PassResult(model=out, modified=s.modified, lossless=True, info={"fold_constants": s.to_dict(),
                                                                                "fold_constants_line": s.line()})

@@ -6,12 +6,14 @@ from __future__ import annotations
 from . import cp, svd, tucker2
 from .base import Method
 from .fold_bn import FoldBatchNorm
+from .fold_constants import FoldConstants
 
 #: factorization methods, in pass order (k×k methods before SVD: chains are named and never re-factorized)
 METHODS: dict[str, Method] = {m.name: m for m in (tucker2.METHOD, cp.CP4, cp.CP3, svd.METHOD)}
 
-#: lossless clean-up passes run before planning (the planner sees the model they produce)
-CLEANUP = (FoldBatchNorm,)
+#: lossless clean-up passes run before planning (the planner sees the model they produce): constant sub-graphs
+#: first (today's exporters build conv biases and shapes from constants), then BatchNorm into the convs
+CLEANUP = (FoldConstants, FoldBatchNorm)
 
 
 def cost_models() -> dict:

@@ -45,6 +45,21 @@ class Report:
         return render_table(self)
 
 
+def nothing_changed(passes: list[PassRecord], layers: list[dict[str, Any]]) -> str | None:
+    """One line when no pass but constant folding changed the model, with the commonest reasons layers were
+    skipped; None when something was compressed."""
+    if any(p.modified for p in passes if p.name != "FoldConstants"):
+        return None
+    why: dict[str, int] = {}
+    for l in layers:
+        if l.get("skipped"):
+            why[l["skipped"]] = why.get(l["skipped"], 0) + 1
+    top = sorted(why.items(), key=lambda kv: -kv[1])[:3]
+    reasons = "; ".join(f"{k}: {v}" for k, v in top)
+    return (f"nothing changed: no pass rewrote the model ({len(layers)} layer(s) considered"
+            + (f", skipped as {reasons}" if reasons else "") + ")")
+
+
 def _n(x) -> str:
     if x is None:
         return "-"
