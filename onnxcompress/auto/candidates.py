@@ -129,10 +129,11 @@ def predicted_noise(options: dict[str, list[Option]], td_noise: dict, int8_noise
     for name, opts in options.items():
         q = int8_noise.get(name)
         for o in opts:
+            t = td_noise.get((name, o.method, o.ranks)) if o.method is not None else None
+            o.extra["measured"] = {k: v for k, v in (("factorized_noise", t), ("int8_noise", q)) if v is not None}
             if o.method is None:
                 o.noise = 0.0 if o.precision == "float" else q
             else:
-                t = td_noise.get((name, o.method, o.ranks))
                 if t is None:
                     o.noise = None
                 elif o.precision == "float":
