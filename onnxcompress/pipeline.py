@@ -226,16 +226,18 @@ class Run:
         return curves
 
     # ------------------------------------------------------------------------------------------ build
-    def build(self, clean: onnx.ModelProto, plan: Plan, quant: str, float_layers=(), verify: bool | None = None):
+    def build(self, clean: onnx.ModelProto, plan: Plan, quant: str, float_layers=(), verify: bool | None = None,
+              int8_layers=None):
         """The model of a plan: the decomposition passes of every planned method, the refit (data-aware), then
-        the quantization (`float_layers` stay out of INT8). Returns (model, PassManager)."""
+        the quantization (`float_layers` stay out of INT8; with `int8_layers` only those layers — with their
+        factor chains — are quantized and every other node stays float). Returns (model, PassManager)."""
         r = self.recipe
         pm = PassManager(self.shapes, verify=r.verify if verify is None else verify, progress=self.progress,
                          seed=r.seed, keep_models=r.min_speedup is not None)
-        out = pm.run(clean, self.passes(plan, clean, quant, float_layers))
+        out = pm.run(clean, self.passes(plan, clean, quant, float_layers, int8_layers))
         return out, pm
 
-    def passes(self, plan: Plan, model: onnx.ModelProto, quant: str, float_layers=()) -> list:
+    def passes(self, plan: Plan, model: onnx.ModelProto, quant: str, float_layers=(), int8_layers=None) -> list:
         r, report = self.recipe, self.report
         calib = self.calib
         if calib is None and r.data_aware:
@@ -265,12 +267,12 @@ class Run:
             if w not in report.warnings:
                 report.warnings.append(w)
         if quant == "int8":
-            out.append(self.int8_pass(model, list(float_layers)))
+            out.append(self.int8_pass(model, list(float_layers), int8_layers))
         elif quant == "fp16":
             out.append(registry.quantizer("fp16"))
         return out
 
-    def int8_pass(self, model, float_layers: list[str]):
+    def int8_pass(self, model, float_layers: list[str], int8_layers=None):
         from .data import CalibrationReader
         from .ir.names import exact_globs
         from .ir.shapes import fixed_batch
@@ -293,7 +295,8 @@ class Run:
         fmt = int8_format_for(r.providers[0], r.int8_activations, r.int8_weights)
         excl = [k for k, o in r.layers.items() if o.precision == "float"] + exact_globs(float_layers)
         return registry.quantizer("int8", reader_factory=reader, fmt=fmt, exclude_globs=excl,
-                                  calibration_label=calib.description)
+                                  calibration_label=calib.description,
+                                  include_globs=None if int8_layers is None else exact_globs(int8_layers))
 
     # ------------------------------------------------------------------------------------------ judge
     def fidelity(self, original, out) -> Fidelity:

@@ -61,7 +61,10 @@ def optimize_auto(run, original, clean, layers, quant: str):
         fl = [n for n, o in selection.items() if o.precision == "float"]
         q = "int8" if any(o.precision == "int8" for o in selection.values()) else (quant if quant == "fp16" else
                                                                                    "none")
-        return run.build(clean, plan, q, fl if q == "int8" else ())
+        # mixed precision: only the INT8 layers are quantized (their neighbours — Add, Clip, pooling — stay float:
+        # the one-layer sensitivities measured exactly that); all layers INT8: the whole graph, as INT8 alone
+        only = [n for n, o in selection.items() if o.precision == "int8"] if q == "int8" and fl else None
+        return run.build(clean, plan, q, fl if q == "int8" else (), int8_layers=only)
 
     def measure(model):
         return run.fidelity(original, model), run.whole_latency(original, model), model_bytes(model)

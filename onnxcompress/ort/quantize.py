@@ -124,10 +124,12 @@ def _float_compute_ops(model: onnx.ModelProto) -> dict[str, int]:
 
 def quantize_qdq(model: onnx.ModelProto, reader, fmt: Int8Format, *, nodes_to_quantize: Sequence[str] | None = None,
                  exclude_globs: Sequence[str] = (), int16_tensors: Sequence[str] = (),
-                 progress=None) -> tuple[onnx.ModelProto, dict]:
+                 include_globs: Sequence[str] | None = None, progress=None) -> tuple[onnx.ModelProto, dict]:
     """`model` quantized to INT8 QDQ (format `fmt`), calibrated (MinMax) on the batches of `reader` (an ORT
     CalibrationDataReader). `nodes_to_quantize`: only these nodes (names as in the model; all when None);
     `exclude_globs`: nodes named by these globs, or rewritten from a layer they name, stay float;
+    `include_globs`: only the nodes they name (or rewritten from a layer they name) are quantized — every
+    other node, elementwise ones included, stays float (mixed precision: a float layer's neighbours too);
     `int16_tensors`: activations quantized with 16-bit QDQ (ORT moves the model to opset 21 for them).
     Returns the quantized model and facts (opset upgrade, excluded nodes)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -148,6 +150,8 @@ def quantize_qdq(model: onnx.ModelProto, reader, fmt: Int8Format, *, nodes_to_qu
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=False, save_as_external_data=big)
         pre_nodes = onnx.load(str(pre), load_external_data=False).graph.node
         excluded = _matching_nodes(pre_nodes, exclude_globs)
+        if include_globs is not None:
+            nodes_to_quantize = [n for n in _matching_nodes(pre_nodes, include_globs) if n not in excluded]
         if nodes_to_quantize is not None:
             have = {n.name for n in pre_nodes}
             nodes_to_quantize = [n for n in nodes_to_quantize if n in have]

@@ -17,10 +17,12 @@ class QuantizeInt8(Pass):
     name = "QuantizeInt8"
 
     def __init__(self, reader_factory: Callable[[], object], fmt: Int8Format,
-                 exclude_globs: list[str] | None = None, calibration_label: str = ""):
+                 exclude_globs: list[str] | None = None, calibration_label: str = "",
+                 include_globs: list[str] | None = None):
         self.reader_factory = reader_factory
         self.fmt = fmt
         self.exclude_globs = list(exclude_globs or [])
+        self.include_globs = None if include_globs is None else list(include_globs)
         self.calibration_label = calibration_label
 
     def run(self, model: onnx.ModelProto, ctx: PassContext | None = None) -> PassResult:
@@ -39,6 +41,7 @@ class QuantizeInt8(Pass):
         int16 = list(ctx.handoff.get("int16_tensors", []))
         out, facts = quantize_qdq(model, self.reader_factory(), self.fmt,
                                   exclude_globs=self.exclude_globs + keep_float, int16_tensors=int16,
+                                  include_globs=self.include_globs,
                                   progress=ctx.progress)
         summary = quantized_summary(out)
         records = [LayerRecord(name=n, op=op, method="int8") for n, op in summary["quantized_nodes"]]
