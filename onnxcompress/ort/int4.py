@@ -30,6 +30,7 @@ inference: measured 0.54–0.82× FP32 on the digits net), MatMulNBits runs at a
 """
 from __future__ import annotations
 
+import logging
 import re
 import tempfile
 from pathlib import Path
@@ -302,9 +303,15 @@ def matmul_nbits(model: onnx.ModelProto, *, block_size: int = 32, bits: int = 4,
                    (n.name in wanted or (n.name.endswith(_GEMM_SFX) and n.name[:-len(_GEMM_SFX)] in wanted))]
         if not include:
             return m
-    q = MatMulNBitsQuantizer(m, bits=bits, block_size=block_size, is_symmetric=symmetric,
-                             accuracy_level=accuracy_level, nodes_to_exclude=sorted(excl), nodes_to_include=include)
-    q.process()
+    log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")   # one INFO line per node
+    level = log.level
+    log.setLevel(max(level, logging.WARNING))
+    try:
+        q = MatMulNBitsQuantizer(m, bits=bits, block_size=block_size, is_symmetric=symmetric,
+                                 accuracy_level=accuracy_level, nodes_to_exclude=sorted(excl), nodes_to_include=include)
+        q.process()
+    finally:
+        log.setLevel(level)
     return q.model.model
 
 
