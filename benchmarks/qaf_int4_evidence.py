@@ -347,12 +347,13 @@ def section_mobilenet(n_calib: int = 64, n_eval: int = 96) -> None:
     rows = [run(str(path), f"MobileNetV2 {lab}", m, cal, ev, method="none", quantize=q, **kw, **extra)
             for lab, q, extra in (("FP32", "none", {}), ("INT8", "int8", {}), ("INT4 weight-only", "int4", {}),
                                   ("INT4 w4a8", "int4", {"int4_activations": "int8"}))]
-    # SVD of the seven largest 1x1 convs (blocks 15-18: 40 % of the conv weights), 1.5x, sensitivity allocation
-    svd = dict(method="svd", ratio=1.5, data_aware=True, allocation="sensitivity", rank_multiple=1,
+    # SVD of the seven largest 1x1 convs (blocks 15-18: 40 % of the conv weights), data-aware, 1.25x uniform (1.5x
+    # with the sensitivity allocation left top-1 agreement 0.073 in FP32: nothing left for QAF to show)
+    svd = dict(method="svd", ratio=1.25, data_aware=True, allocation="uniform", rank_multiple=1,
                include=["/features/features.1[5-8]/*"], **kw)
     for lab, q, use in (("FP32", "none", None), ("INT8", "int8", False), ("INT8 + QAF", "int8", True),
                         ("INT4", "int4", False), ("INT4 + QAF", "int4", True)):
-        rows.append(run(str(path), f"SVD 1.5x data-aware {lab}", m, cal, ev, quantize=q, qaf=use, **svd))
+        rows.append(run(str(path), f"SVD 1.25x data-aware {lab}", m, cal, ev, quantize=q, qaf=use, **svd))
     print("\n| model | top-1 agr. | top-5 agr. | SQNR dB | QAF w.err before → after (ADMM it.) | bytes |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -326,3 +326,28 @@ def test_int4_noise_prediction_adds_int8_activation_noise():
     assert n[(None, "float")] == 0 and n[(None, "int8")] == 0.001
     assert n[(None, "int4")] == pytest.approx(0.005)
     assert n[("tucker2", "int4")] == pytest.approx(0.01 + 2.5 * 0.005)
+
+
+def test_int4_pass_mixed_with_int8_activations():
+    """int4 for the chosen layers only, every other weight int8 with int8 activations (the auto search's mixed
+    models): the depthwise conv stays int8, the Gemm too (it is not chosen)."""
+    from onnxcompress.ort.quantize import int8_format_for
+    from onnxcompress.passes.registry import quantizer
+
+    class R(CalibrationDataReader):
+        def __init__(self):
+            rng = np.random.default_rng(3)
+            self.d = [{"x": rng.standard_normal((2, 8, 6, 6)).astype(np.float32)} for _ in range(3)]
+
+        def get_next(self):
+            return self.d.pop() if self.d else None
+
+    m = _conv_gemm_model()
+    p = quantizer("int4", activations="uint8", reader_factory=R, fmt=int8_format_for("cpu"), int4_layers=["c1"])
+    res = p.run(m)
+    assert list(int4.int4_conv_weights(res.model)) == ["c1"] and res.info["int4_nodes"] == ["c1"]
+    assert {"dw", "fc"} <= set(res.info["quantized_nodes"])
+    assert "c1" not in res.info["quantized_nodes"]
+    x = np.random.default_rng(1).standard_normal((2, 8, 6, 6)).astype(np.float32)
+    y, y32 = _run(res.model, x), _run(m, x)
+    assert np.linalg.norm(y - y32) / np.linalg.norm(y32) < 0.3
