@@ -36,7 +36,7 @@ sys.path.insert(0, ROOT)
 from onnxcompress.decompose.cp import cp4_rank_for_ratio  # noqa: E402
 from onnxcompress.ort.session import make_session  # noqa: E402
 from onnxcompress.passes.base import PassContext  # noqa: E402
-from onnxcompress.passes.cp import CPPass, cp_problem  # noqa: E402
+from onnxcompress.passes.cp import CPPass  # noqa: E402
 from onnxcompress.passes.fold_bn import FoldBatchNorm  # noqa: E402
 from onnxcompress.passes.int8 import QuantizeInt8
 from onnxcompress.ort.quantize import int8_format_for  # noqa: E402
@@ -143,8 +143,8 @@ def run_ratio(folded, ref, ratio, q_base_err):
                  float(np.mean([l.weight_rel_error for l in done]))))
     print(f"\n### ratio {ratio:g} (CP4 ranks {[l.ranks[0] for l in t2_layers if l.skipped is None]}, "
           f"Tucker2 ranks {[tuple(l.ranks) for l in done]})")
-    print(f"| variant | params | max κ | mean w.err | FP32 SQNR dB | FP32 acc % | INT8 SQNR dB | INT8 acc % "
-          f"| INT8 penalty e_Q | e_Q / Tucker2 |")
+    print("| variant | params | max κ | mean w.err | FP32 SQNR dB | FP32 acc % | INT8 SQNR dB | INT8 acc % "
+          "| INT8 penalty e_Q | e_Q / Tucker2 |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     results = []
     for label, m, params, kap, werr in rows:

@@ -16,7 +16,7 @@ import onnx
 from ._version import __version__
 from .auto.budget import degenerate_outputs, floor_warnings
 from .data import feeds_factory, inputs_for_model, open_for_model
-from .data.datasets import RandomInputs, split_holdout
+from .data.datasets import RandomDataset, split_holdout
 from .errors import UserError
 from .ir.counts import has_quantized_ops, model_bytes, model_macs, model_params
 from .ir.layers import collect_layers, layer_kernel, nested_compute_nodes
@@ -110,7 +110,7 @@ class Run:
                     f"the calibration data itself (pass --eval-data or more --calibration-samples)")
         self.synthetic = self.holdout is None
         if self.synthetic:
-            self.holdout = RandomInputs(self.model, self.shapes, n=16, seed=r.seed + 1)
+            self.holdout = RandomDataset.for_model(self.model, self.shapes, n=16, seed=r.seed + 1)
         if self.calib is not None and getattr(self.calib, "kind", "") == "random" and not self.explicit_random:
             self.calib = None
 

@@ -222,3 +222,23 @@ def test_code_fingerprint_covers_every_module(tmp_path, monkeypatch):
     (pkg / "decompose" / "moved").mkdir()
     victim.rename(pkg / "decompose" / "moved" / "svd.py")
     assert an.code_fingerprint() not in (base, edited)
+
+
+def test_pool_workers_do_not_rerun_an_unguarded_script(tmp_path):
+    """A user's script without `if __name__ == "__main__":` calling the sweep with worker processes: the
+    workers must not execute the script again (spawn imports __main__ by default)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from onnxcompress.analysis.sweep import analyze\n"
+        "print('SCRIPT BODY RUNS', flush=True)\n"
+        f"res = analyze({str(MODEL)!r}, {CALIB!r}, jobs=2, cache_dir={str(tmp_path / 'c')!r}, grid=[3],\n"
+        "              samples=4, global_curve=False, progress=False,\n"
+        "              layers=['/stage1/conv1/Conv', '/stage2/conv2/Conv'])\n"
+        "print('EVALUATED', res['stats']['evaluated'], flush=True)\n")
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count("SCRIPT BODY RUNS") == 1
+    assert "EVALUATED 2" in p.stdout

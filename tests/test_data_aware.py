@@ -2,11 +2,10 @@
 on a conv net with correlated inputs, the refit lowers the output error, --method tucker2 SVDs 1×1 convs,
 and --data-aware without calibration data is a clear error."""
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcompress.passes.data_aware import DataAware, RowStats, SVDStatistics, capture, rows_last
+from onnxcompress.passes.data_aware import RowStats, capture, rows_last
 from onnxcompress.decompose.stats import ConvInputStats
 from onnxcompress.errors import UserError
 from onnxcompress.pipeline import optimize

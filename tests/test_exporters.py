@@ -3,7 +3,6 @@ TorchScript exporter. Every conv must be seen (constant folding first), and file
 data on both sides."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import conv_model, rel_err, run_ort
 from onnxcompress.errors import VerificationError
 from onnxcompress.ort.noise_floor import changed_tensors, lossless_verdict
-from onnxcompress.passes.base import Pass, PassResult
+from onnxcompress.passes.base import Pass
 from onnxcompress.passes.fold_bn import FoldBatchNorm
 from onnxcompress.passes.manager import PassManager
 

@@ -59,18 +59,42 @@ def _execute_pool(todo, payload, jobs, on_done, init, run) -> None:
 
     ex = ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=mp.get_context("spawn"),
                              initializer=init, initargs=(payload,))
+    procs = []
     try:
-        pending = {ex.submit(run, task): key for key, task in todo}
+        with _workers_without_main():   # the workers start on the first submits
+            pending = {ex.submit(run, task): key for key, task in todo}
+        procs = list((getattr(ex, "_processes", None) or {}).values())
         while pending:
             done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
             for fut in done:
                 on_done(pending.pop(fut), fut.result())
     except BaseException:
+        procs = procs or list((getattr(ex, "_processes", None) or {}).values())
         ex.shutdown(wait=False, cancel_futures=True)
-        for p in list(getattr(ex, "_processes", {}).values()):   # our own workers only
+        for p in procs:   # our own workers only
             p.terminate()
         raise
     ex.shutdown(wait=True)
+
+
+class _workers_without_main:
+    """Spawned workers import the parent's ``__main__`` (to unpickle functions defined there): a user's script
+    calling onnxcompress without an ``if __name__ == "__main__":`` guard would then run again in every worker
+    (and fail there). The task functions live in this package, so the workers are started with ``__main__``
+    looking like an interactive session (no file, no spec); restored right after."""
+
+    def __enter__(self):
+        self.main = sys.modules.get("__main__")
+        self.saved = {k: self.main.__dict__[k] for k in ("__file__", "__spec__")
+                      if self.main is not None and k in self.main.__dict__}
+        for k in self.saved:
+            setattr(self.main, k, None) if k == "__spec__" else delattr(self.main, k)
+        return self
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            setattr(self.main, k, v)
+        return False
 
 
 def ray_available() -> str | None:

@@ -539,10 +539,13 @@ def _setup(model, data, methods, samples, labels, preprocess, input_shape, fold_
     name = next(iter(shapes))
     base = FoldBatchNorm().run(model).model if fold_bn else model
     lays = model_layers(base, shapes, methods)
-    if layers is not None:
-        unknown = sorted(set(layers) - {l.name for l in lays})
+    if layers is not None:   # names or globs (`--layers "/layer4/*"`)
+        import fnmatch
+
+        unknown = [g for g in layers if not any(fnmatch.fnmatchcase(l.name, g) for l in lays)]
         if unknown:
             raise UserError(f"--layers: no layer named {', '.join(unknown)}")
+        layers = [l.name for l in lays if any(fnmatch.fnmatchcase(l.name, g) for g in layers)]
     dec = [l for l in lays if l.decomposable]
     if not dec and not quantize:
         raise UserError(f"the model has no layer that {', '.join(methods)} can rewrite")

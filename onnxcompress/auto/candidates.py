@@ -135,10 +135,13 @@ def predicted_noise(options: dict[str, list[Option]], td_noise: dict, int8_noise
         w4 = (int4_noise or {}).get(name)
         for o in opts:
             q = q8 if o.precision != "int4" else (None if w4 is None else w4 + (q8 or 0.0))
+            t = td_noise.get((name, o.method, o.ranks)) if o.method is not None else None
+            o.extra["measured"] = {k: v for k, v in (("factorized_noise", t), ("int8_noise", q8),
+                                                     ("int4_weight_noise", w4 if o.precision == "int4" else None))
+                                   if v is not None}
             if o.method is None:
                 o.noise = 0.0 if o.precision == "float" else q
             else:
-                t = td_noise.get((name, o.method, o.ranks))
                 if t is None:
                     o.noise = None
                 elif o.precision == "float":

@@ -129,6 +129,8 @@ def plan_of(selection: dict, layers, why_not: dict, reason: str | None = None) -
             lp.predicted_degradation = o.noise
             lp.extra["saved_ms"] = round(1e3 * o.saved_s, 4) if o.seconds is not None else None
             lp.extra["option"] = {"precision": o.precision, **o.extra}
+            if o.extra.get("measured"):
+                lp.extra["measured_degradation"] = o.extra["measured"]
         plan.layers[info.name] = lp
     return plan
 

@@ -24,7 +24,8 @@ def add_parser(sub) -> None:
     pa.add_argument("--executor", default="local", help="local (process pool) | ray (optional dependency)")
     pa.add_argument("--threads", type=int, default=1, help="ORT intra-op threads per worker (default 1)")
     pa.add_argument("--cache-dir", help="results cache (default OUT/cache); reruns only evaluate what it lacks")
-    pa.add_argument("--layers", action="append", help="restrict the per-layer sweep to this conv (repeatable)")
+    pa.add_argument("--layers", action="append", metavar="GLOB",
+                    help="restrict the per-layer sweep to layers matching this name glob (repeatable)")
     pa.add_argument("--no-global", dest="global_curve", action="store_false", help="skip the global curve")
     pa.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
     pa.add_argument("--seed", type=int, default=0, help="seed for data sampling")

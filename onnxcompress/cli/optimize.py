@@ -189,6 +189,9 @@ def run(args) -> int:
     if not args.quiet:
         print(result.report.table())
         print(f"wrote {', '.join(written)}")
+    for w in result.report.warnings:      # a result below a floor is never silent, --quiet or not
+        if w.startswith("WARNING"):
+            print(f"onnxcompress: {w}", file=sys.stderr)
     if not result.passed:
         failed = [g.name for g in result.report.gates if not g.passed]
         print(f"onnxcompress: gate failed: {', '.join(failed)} ({' and '.join(written[:2])} written, report marked "

@@ -444,27 +444,45 @@ class Cifar10Dataset(_Base):
 
 
 class RandomDataset(_Base):
-    """Seeded N(0, 1) inputs; sample i is the same whatever the batch size."""
+    """Seeded N(0, 1) inputs (zeros for integer inputs); sample i is the same whatever the batch size. One
+    anonymous input (`shape`) yields arrays; named inputs (`specs`, see `for_model`) yield feed dicts."""
 
     kind = "random"
+    source = "random"
 
-    def __init__(self, shape: tuple[int, ...], n: int, seed: int, batch: int | None):
-        self.sample_shape = shape
-        self.n = n
-        self.seed = seed
-        self.fixed_batch = batch
-        self.description = f"random N(0,1) inputs (not real data): {n} samples of {_fmt(shape)}, seed {seed}"
+    def __init__(self, shape: tuple[int, ...] | None, n: int, seed: int, batch: int | None = None,
+                 specs: dict | None = None):
+        self.specs = dict(specs) if specs else {None: (tuple(shape), np.dtype(np.float32))}
+        self.sample_shape = next(iter(self.specs.values()))[0]
+        self.n, self.seed, self.fixed_batch = int(n), seed, batch
+        shown = ", ".join((f"{k}: " if k else "") + _fmt(sh) for k, (sh, _) in self.specs.items())
+        self.description = f"random N(0,1) inputs (not real data): {self.n} samples of {shown}, seed {seed}"
+
+    @classmethod
+    def for_model(cls, model, shapes: dict[str, tuple[int, ...]], n: int = 16, seed: int = 0) -> "RandomDataset":
+        """Random inputs for every graph input of `model` at `shapes` (any rank and dtype)."""
+        import onnx
+
+        inits = {i.name for i in model.graph.initializer}
+        specs = {vi.name: (tuple(shapes[vi.name][1:]),
+                           np.dtype(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)))
+                 for vi in model.graph.input if vi.name not in inits and vi.name in shapes}
+        return cls(None, n, seed, specs=specs)
 
     def __len__(self) -> int:
         return self.n
 
-    def sample(self, i: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, i]).standard_normal(self.sample_shape, dtype=np.float32)
+    def sample(self, i: int) -> dict:
+        rng = np.random.default_rng([self.seed, i])
+        return {k: (rng.standard_normal(s, dtype=np.float32).astype(dt) if np.issubdtype(dt, np.floating)
+                    else np.zeros(s, dt)) for k, (s, dt) in self.specs.items()}
 
     def batches(self, batch_size: int = 1) -> Iterator[Batch]:
         bs = self._check_batch_size(batch_size)
         for start in range(0, self.n, bs):
-            yield np.stack([self.sample(i) for i in range(start, min(start + bs, self.n))]), None
+            samples = [self.sample(i) for i in range(start, min(start + bs, self.n))]
+            batch = {k: np.stack([x[k] for x in samples]) for k in self.specs}
+            yield (batch[None] if None in batch else batch), None
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -794,41 +812,6 @@ def _open_dataset(source, *, input_shape, input_name, preprocess, labels, limit,
         raise DataError(f"{source} is a single image: put calibration/evaluation images in a folder")
     raise DataError(f"cannot read data source {source}: expected an image folder, a cifar-10-batches-py "
                     "folder or batch file, .npy, .npz, or 'random'")
-
-
-class RandomInputs:
-    """Seeded random inputs for every model input, any rank and dtype (N(0,1) floats, zeros for integer
-    inputs): the `random` data source. Sample i is the same whatever the batch size."""
-    kind = "random"
-    source = "random"
-    has_labels = False
-
-    def __init__(self, model, shapes: dict[str, tuple[int, ...]], n: int = 16, seed: int = 0):
-        import onnx
-
-        inits = {i.name for i in model.graph.initializer}
-        self.specs = {}
-        for vi in model.graph.input:
-            if vi.name in inits or vi.name not in shapes:
-                continue
-            self.specs[vi.name] = (tuple(shapes[vi.name][1:]),
-                                   onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
-        self.n, self.seed = int(n), seed
-        shown = ", ".join(f"{k}: {'x'.join(map(str, s))}" for k, (s, _) in self.specs.items())
-        self.description = f"random N(0,1) inputs (not real data): {self.n} samples of {shown}, seed {seed}"
-
-    def __len__(self) -> int:
-        return self.n
-
-    def _sample(self, i: int) -> dict:
-        rng = np.random.default_rng([self.seed, i])
-        return {k: (rng.standard_normal(s).astype(dt) if np.issubdtype(dt, np.floating) else np.zeros(s, dt))
-                for k, (s, dt) in self.specs.items()}
-
-    def batches(self, batch_size: int = 1):
-        for start in range(0, self.n, batch_size):
-            samples = [self._sample(i) for i in range(start, min(start + batch_size, self.n))]
-            yield {k: np.stack([s[k] for s in samples]) for k in self.specs}, None
 
 
 class InterleavedSplit(_Base):

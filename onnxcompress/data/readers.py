@@ -21,7 +21,7 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
 from ..errors import UserError
-from .datasets import DataError, RandomInputs, open_dataset
+from .datasets import DataError, RandomDataset, open_dataset
 
 __all__ = ["CalibrationReader", "ModelInput", "feeds_factory", "inputs_for_model", "model_inputs", "open_for_model"]
 
@@ -212,7 +212,7 @@ def open_for_model(source, model, shapes: Mapping[str, Sequence[int]], *, prepro
     if hasattr(source, "batches"):
         return source
     if isinstance(source, str) and source.strip().lower() == "random":
-        return RandomInputs(model, shapes, n=limit or 16, seed=seed)
+        return RandomDataset.for_model(model, shapes, n=limit or 16, seed=seed)
     from ..ir.shapes import open_batch_shape
 
     name = next(iter(shapes))

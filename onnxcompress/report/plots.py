@@ -103,7 +103,38 @@ def optimize_plots(report, out_dir) -> list[Path]:
             ax.set_ylabel("median latency (ms), whisker p90")
             ax.set_title(f"Latency per stage on {lt.get('provider')} ({lt.get('threads')} thread(s))")
             written.append(_save(fig, d / "latency_stages.png", plt))
+    if r.get("frontier"):
+        written.append(frontier_plot(plt, r, d / "auto_frontier.png"))
     return written
+
+
+def frontier_plot(plt, r: dict, path: Path) -> Path:
+    """The accuracy–latency frontier the auto search explored: every verified candidate's measured budget
+    metric against its whole-model speedup, the chosen one ringed, the budget as a line."""
+    pts = [p for p in r["frontier"] if p.get("latency_ratio") is not None and p.get("measured") is not None]
+    b = r.get("budget") or {}
+    fig, ax = plt.subplots(figsize=(6.2, 4.4))
+    for ok, color, lab in ((True, "#2b7bba", "meets budget, not slower/larger"), (False, "#d9534f", "rejected")):
+        sel = [p for p in pts if bool(p.get("ok")) == ok]
+        if sel:
+            ax.scatter([p["latency_ratio"] for p in sel], [p["measured"] for p in sel], c=color, label=lab, s=30)
+    for p in pts:
+        ax.annotate(p["label"].split(" (")[0], (p["latency_ratio"], p["measured"]), fontsize=7,
+                    xytext=(4, 3), textcoords="offset points")
+    chosen = (r.get("auto") or {}).get("chosen")
+    for p in pts:
+        if p["label"] == chosen:
+            ax.scatter([p["latency_ratio"]], [p["measured"]], s=160, facecolors="none", edgecolors="k",
+                       label="written")
+    if b.get("limit") is not None:
+        ax.axhline(b["limit"], color="k", ls=":", lw=1, label=f"budget ({b.get('description', '')})")
+    ax.set_xlabel("whole-model speedup vs the input (interleaved, same run)")
+    ax.set_ylabel({"accuracy": "accuracy drop (points)", "agreement": "top-1 agreement",
+                   "sqnr": "SQNR (dB)"}.get(b.get("kind"), "measured"))
+    ax.set_title("Auto search: candidates verified on held-apart data")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path, plt)
 
 
 def agreement_vs_compression(points: Sequence[dict], path, title: str = "Agreement vs compression") -> Path:
