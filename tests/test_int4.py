@@ -351,3 +351,24 @@ def test_int4_pass_mixed_with_int8_activations():
     x = np.random.default_rng(1).standard_normal((2, 8, 6, 6)).astype(np.float32)
     y, y32 = _run(res.model, x), _run(m, x)
     assert np.linalg.norm(y - y32) / np.linalg.norm(y32) < 0.3
+
+
+def test_auto_size_objective_tries_int4_and_writes_a_smaller_model_within_budget():
+    """`--method auto --objective size` on the digits model: INT4 options are measured (one-layer ORT int4 models)
+    and offered; the result meets the budget on held-out data and is smaller than the INT8-only candidate. The
+    latency objective (the default, test_auto.py) never offers INT4."""
+    from onnxcompress import optimize
+    from onnxcompress.recipe import Recipe
+
+    res = optimize(str(MODELS / "digits_cnn.onnx"),
+                   Recipe(objective="size", calibration=str(MODELS / "digits_calib.npz"),
+                          eval_data=str(MODELS / "digits_test.npz"), eval_samples=180))
+    rep = res.report
+    assert rep.auto["precisions"] == ["float", "int8", "int4"]
+    assert rep.auto["int4_sensitivity"]["layers"] >= 5
+    assert any(o["precision"] == "int4" and o["predicted_noise"] is not None
+               for opts in rep.auto["options"].values() for o in opts)
+    assert rep.fidelity["accuracy_drop"] * 100 <= 1.0
+    int8_only = next(p for p in rep.frontier if p["label"] == "int8-only")
+    assert rep.model["bytes_after"] < int8_only["bytes"]
+    assert any(l["precision"] == "int4" for l in rep.layers)
