@@ -166,6 +166,9 @@ class Run:
         if r.quantize == "int8" and self.calib is None:
             raise UserError("--quantize int8 needs calibration data: pass --calibration DIR|FILE (or "
                             "--calibration random to accept activation ranges from random inputs)")
+        if r.quantize == "int4" and r.int4_activations == "int8" and self.calib is None:
+            raise UserError("--quantize int4 --int4-activations int8 needs calibration data: pass --calibration "
+                            "DIR|FILE (weight-only INT4, --int4-activations float, needs none)")
         if r.quantize != "auto":
             return r.quantize
         if self.already_quantized:
@@ -227,17 +230,19 @@ class Run:
 
     # ------------------------------------------------------------------------------------------ build
     def build(self, clean: onnx.ModelProto, plan: Plan, quant: str, float_layers=(), verify: bool | None = None,
-              int8_layers=None):
-        """The model of a plan: the decomposition passes of every planned method, the refit (data-aware), then
-        the quantization (`float_layers` stay out of INT8; with `int8_layers` only those layers — with their
-        factor chains — are quantized and every other node stays float). Returns (model, PassManager)."""
+              int4_layers=(), int8_layers=None):
+        """The model of a plan: the decomposition passes of every planned method, the refit (data-aware), QAF,
+        then the quantization (`float_layers` stay out of INT8; with quant "int8", `int4_layers` get INT4
+        weights in the same model; with `int8_layers` only those layers — with their factor chains — are
+        quantized and every other node stays float). Returns (model, PassManager)."""
         r = self.recipe
         pm = PassManager(self.shapes, verify=r.verify if verify is None else verify, progress=self.progress,
-                         seed=r.seed, keep_models=r.min_speedup is not None)
-        out = pm.run(clean, self.passes(plan, clean, quant, float_layers, int8_layers))
+                         seed=r.seed, keep_models=r.min_speedup is not None or quant == "int4")
+        out = pm.run(clean, self.passes(plan, clean, quant, float_layers, int4_layers, int8_layers))
         return out, pm
 
-    def passes(self, plan: Plan, model: onnx.ModelProto, quant: str, float_layers=(), int8_layers=None) -> list:
+    def passes(self, plan: Plan, model: onnx.ModelProto, quant: str, float_layers=(), int4_layers=(),
+               int8_layers=None) -> list:
         r, report = self.recipe, self.report
         calib = self.calib
         if calib is None and r.data_aware:
@@ -266,11 +271,59 @@ class Run:
         for w in wiring.warnings:
             if w not in report.warnings:
                 report.warnings.append(w)
-        if quant == "int8":
+        if out and r.qaf is not False:
+            out += self.qaf_passes(model, quant, list(float_layers), list(int4_layers))
+        if quant == "int8" and int4_layers:
+            out.append(self.int4_pass(model, list(float_layers), list(int4_layers)))
+        elif quant == "int8":
             out.append(self.int8_pass(model, list(float_layers), int8_layers))
+        elif quant == "int4":
+            out.append(self.int4_pass(model, list(float_layers)))
         elif quant == "fp16":
             out.append(registry.quantizer("fp16"))
         return out
+
+    def float_globs(self, float_layers: list[str]) -> list[str]:
+        from .ir.names import exact_globs
+
+        return [k for k, o in self.recipe.layers.items() if o.precision == "float"] + exact_globs(float_layers)
+
+    def qaf_passes(self, model, quant: str, float_layers: list[str], int4_layers: list[str]) -> list:
+        """QAF (passes/qaf.py) of every factorized chain that will be quantized, on the grid it is stored on,
+        fitted to the kernels of `model` (what the decomposition passes started from; data-aware chains:
+        to their own float composition). Mixed int8/int4 models get one QAF pass per grid."""
+        from .ir.names import exact_globs
+        from .passes.qaf import GRIDS, QAFPass
+
+        if quant not in ("int8", "int4"):
+            return []
+        r = self.recipe
+        kw = {"target": "chain" if r.data_aware else "auto"}
+        excl = self.float_globs(float_layers)
+        # depthwise factors stay float under weight-only INT4 and int8 under INT4 with INT8 activations
+        dw = GRIDS["int8"] if quant == "int8" or r.int4_activations == "int8" else None
+        if quant == "int4":
+            return [QAFPass(GRIDS["int4"], model, exclude_globs=excl, depthwise=dw, **kw)]
+        i4 = exact_globs(int4_layers)
+        out = [QAFPass(GRIDS["int8"], model, exclude_globs=excl + i4, **kw)]
+        if i4:
+            out.append(QAFPass(GRIDS["int4"], model, exclude_globs=excl, layers=i4, depthwise=dw, **kw))
+        return out
+
+    def int4_pass(self, model, float_layers: list[str], int4_layers: list[str] | None = None):
+        """INT4 weights (passes/int4.py): weight-only (`--int4-activations float`, no calibration) or with the
+        provider's INT8 activations (the INT8 pass's calibration reader and format); with `int4_layers`, only
+        those layers get INT4 and the rest INT8 (a mixed model of the auto search)."""
+        from .ir.names import exact_globs
+
+        r = self.recipe
+        kw = {"block_size": r.int4_block_size, "accuracy_level": r.int4_accuracy_level}
+        if r.int4_activations == "float" and not int4_layers:
+            return registry.quantizer("int4", activations="float", exclude_globs=self.float_globs(float_layers), **kw)
+        q8 = self.int8_pass(model, float_layers)
+        return registry.quantizer("int4", activations=q8.fmt.activations, reader_factory=q8.reader_factory,
+                                  fmt=q8.fmt, exclude_globs=q8.exclude_globs, calibration_label=q8.calibration_label,
+                                  int4_layers=exact_globs(int4_layers) if int4_layers else None, **kw)
 
     def int8_pass(self, model, float_layers: list[str], int8_layers=None):
         from .data import CalibrationReader
@@ -318,6 +371,8 @@ class Run:
         report.fidelity = {**fid.to_dict(), "synthetic_inputs": self.synthetic}
         lat = self.whole_latency(original, out)
         report.latency = {**(report.latency or {}), **lat}
+        if "int4" in report.quantization and built is not None:
+            self.int4_cost(built, out)
         if r.min_speedup is not None and built is not None:
             from .ort.timing import stage_latency
 
@@ -338,16 +393,44 @@ class Run:
         self.floors = floors
         return fid
 
+    def int4_cost(self, built, out) -> None:
+        """What INT4 buys and costs, measured: the model entering the INT4 pass against its result (size and
+        interleaved latency on the target provider), into the report's quantization section."""
+        from .ir.counts import model_bytes
+
+        before = None
+        for i, (p, _) in enumerate(built.results):
+            if p.name == "QuantizeInt4":
+                before = built.results[i - 1][1].model if i else self.clean
+        q = self.report.quantization["int4"]
+        if before is None:
+            q["measured"] = {"skipped": "the model entering the INT4 pass was not kept"}
+            return
+        self.note("INT4: size and latency against the model entering the INT4 pass")
+        lat = self.whole_latency(before, out)
+        b0, b1 = model_bytes(before), model_bytes(out)
+        q["measured"] = {"bytes_before_int4": b0, "bytes_after_int4": b1, "size_ratio": round(b0 / max(b1, 1), 3),
+                         "latency_ratio": lat.get("speedup"), "median_ms_before_int4": lat.get("median_ms_before"),
+                         "median_ms_after_int4": lat.get("median_ms_after"), "provider": lat.get("provider")}
+
     # ------------------------------------------------------------------------------------------ report
     def assemble(self, original, out, plan: Plan, layers, built, extra: dict) -> None:
         r, report = self.recipe, self.report
         results = built.results if built is not None else []
         for p, res in results:
             report.quantization.update({k: v for k, v in res.info.items()
-                                        if k in ("int8", "fp16", "quantized_ops", "float_ops_left")})
+                                        if k in ("int8", "int4", "fp16", "quantized_ops", "float_ops_left")})
         int8_nodes = {n for p, res in results for n in (res.info.get("quantized_nodes") or [])}
+        int4_nodes = {n for p, res in results for n in (res.info.get("int4_nodes") or [])}
         records = layer_records(plan, layers, [res for p, res in results if p.name in _DECOMPOSITION_PASSES],
-                                int8_nodes, "fp16" if any(p.name == "ConvertFP16" for p, _ in results) else None)
+                                int8_nodes, "fp16" if any(p.name == "ConvertFP16" for p, _ in results) else None,
+                                int4_nodes)
+        qaf = [res for p, res in results if p.name == "QAF"]
+        if qaf:
+            from .passes.qaf import merge_records
+
+            merge_records(records, [rec for res in qaf for rec in res.layers])
+            report.quantization["qaf"] = [res.info["qaf"] for res in qaf]
         report.layers = [rec.to_dict() for rec in records]
         if r.method != "none":
             report.layers += [LayerRecord(name=n, op=op, method=r.method,
@@ -384,8 +467,8 @@ class Run:
 _DECOMPOSITION_PASSES = {"Tucker2", "CP4", "CP3", "SVD", "Refit"}
 
 
-def layer_records(plan: Plan, layers, results, int8_nodes=frozenset(), whole_precision: str | None = None
-                  ) -> list[LayerRecord]:
+def layer_records(plan: Plan, layers, results, int8_nodes=frozenset(), whole_precision: str | None = None,
+                  int4_nodes=frozenset()) -> list[LayerRecord]:
     """One record per layer of the plan: the pass's record where a pass rewrote it (with the plan's facts:
     planned ranks, alignment, latency-guard measurement, predicted degradation), else why it stayed (the
     pass's reason when the plan asked for a rewrite the pass refused, else the plan's); the precision it runs
@@ -401,6 +484,7 @@ def layer_records(plan: Plan, layers, results, int8_nodes=frozenset(), whole_pre
                     plan.layers[rec.name].ranks is not None:
                 refused[rec.name] = rec
     quantized_layers = {layer_of(n) for n in int8_nodes}
+    int4_layers = {layer_of(n) for n in int4_nodes}
     out = []
     for info in layers:
         lp = plan.layers.get(info.name)
@@ -411,7 +495,8 @@ def layer_records(plan: Plan, layers, results, int8_nodes=frozenset(), whole_pre
                               kernel_shape=_kernel_shape(info), params_before=info.params, params_after=info.params,
                               macs_before=info.macs, macs_after=info.macs,
                               skipped=(lp.reason if lp is not None else None) or "kept by the plan")
-        rec.precision = whole_precision or ("int8" if info.name in quantized_layers else "float")
+        rec.precision = whole_precision or ("int4" if info.name in int4_layers else
+                                            "int8" if info.name in quantized_layers else "float")
         if lp is not None:
             if lp.planned is not None and rec.skipped is None and tuple(lp.planned) != tuple(rec.ranks or ()):
                 rec.extra["planned_ranks"] = list(lp.planned)

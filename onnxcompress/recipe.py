@@ -13,7 +13,7 @@ from typing import Any
 from .errors import UserError
 
 METHODS = ("auto", "tucker2", "cp4", "cp3", "svd", "none")
-QUANTIZE = ("auto", "int8", "fp16", "none")
+QUANTIZE = ("auto", "int8", "int4", "fp16", "none")
 OBJECTIVES = ("latency", "size")
 EXECUTORS = ("local", "ray")
 ALLOCATIONS = ("uniform", "later-first", "sensitivity")
@@ -43,6 +43,12 @@ class Recipe:
     objective: str = "latency"           # what --method auto maximises under the budget: latency | size
     int8_activations: str | None = None  # override the provider default ("uint8" | "int8")
     int8_weights: str | None = None
+    # quantization-aware factorization (passes/qaf.py): None = on whenever a factorized layer is quantized
+    qaf: bool | None = None
+    # INT4 (--quantize int4; passes/int4.py): a size format on ORT CPU
+    int4_activations: str = "float"      # float (weight-only, no calibration) | int8 (the provider's INT8 layout)
+    int4_block_size: int = 32            # MatMulNBits block along K (power of two >= 16)
+    int4_accuracy_level: int | None = None   # MatMulNBits accuracy_level (4: int8 activations inside the kernel)
     calibration: str | None = None       # DIR | FILE.npy | FILE.npz | random
     calibration_samples: int = 32
     preprocess: str | None = None        # imagenet | cifar10 | digits (image folders)
@@ -104,6 +110,12 @@ class Recipe:
             _choice("int8_activations", self.int8_activations, ("uint8", "int8"))
         if self.int8_weights is not None:
             _choice("int8_weights", self.int8_weights, ("uint8", "int8"))
+        _choice("int4_activations", self.int4_activations, ("float", "int8"))
+        b = self.int4_block_size
+        if not isinstance(b, int) or b < 16 or b & (b - 1):
+            raise UserError(f"int4_block_size must be a power of two >= 16 (got {b})")
+        if self.int4_accuracy_level not in (None, 0, 1, 2, 3, 4):
+            raise UserError(f"int4_accuracy_level must be 0..4 (got {self.int4_accuracy_level})")
         if self.ratio is not None and not self.ratio > 1:
             raise UserError(f"ratio must be > 1 (got {self.ratio}): it is how many times smaller the layers get")
         if self.target_macs is not None and not 0 < self.target_macs < 1:

@@ -72,9 +72,9 @@ def enumerate_options(layers, plan_methods: dict, methods: dict, precisions: Seq
 
 
 def _bytes(info, cost, ranks, precision: str) -> int:
-    per = 1 if precision == "int8" else 4
+    per = {"int8": 1, "int4": 0.5}.get(precision, 4)
     n = cost.weights(info, ranks) if cost is not None else int(info.params)
-    return per * int(n)
+    return int(per * int(n))
 
 
 def measure_latency(layers, options: dict[str, list[Option]], methods: dict, provider: str,
@@ -107,6 +107,7 @@ def measure_latency(layers, options: dict[str, list[Option]], methods: dict, pro
             if not specs:
                 continue
             keys.append(o)
+            # INT4 runs as float convs on ORT CPU (the per-run dequantization of the weights is not timed)
             models.append(layer_model(info.in_shape, specs, "int8" if o.precision == "int8" else "fp32"))
         if not models:
             continue
@@ -124,13 +125,20 @@ def measure_latency(layers, options: dict[str, list[Option]], methods: dict, pro
     return {"layers_timed": timed, "seconds": round(time.perf_counter() - t0, 2), "provider": provider}
 
 
-def predicted_noise(options: dict[str, list[Option]], td_noise: dict, int8_noise: dict) -> None:
-    """Fill each option's predicted noise from the sweep: td_noise[(layer, method, ranks)], int8_noise[layer]."""
+def predicted_noise(options: dict[str, list[Option]], td_noise: dict, int8_noise: dict,
+                    int4_noise: dict | None = None) -> None:
+    """Fill each option's predicted noise from the sweep: td_noise[(layer, method, ranks)], int8_noise[layer],
+    int4_noise[layer] (weight-only INT4 of the layer, auto/int4.py; plus the layer's INT8 noise, when measured,
+    for the INT8 activations of a mixed model)."""
     for name, opts in options.items():
-        q = int8_noise.get(name)
+        q8 = int8_noise.get(name)
+        w4 = (int4_noise or {}).get(name)
         for o in opts:
+            q = q8 if o.precision != "int4" else (None if w4 is None else w4 + (q8 or 0.0))
             t = td_noise.get((name, o.method, o.ranks)) if o.method is not None else None
-            o.extra["measured"] = {k: v for k, v in (("factorized_noise", t), ("int8_noise", q)) if v is not None}
+            o.extra["measured"] = {k: v for k, v in (("factorized_noise", t), ("int8_noise", q8),
+                                                     ("int4_weight_noise", w4 if o.precision == "int4" else None))
+                                   if v is not None}
             if o.method is None:
                 o.noise = 0.0 if o.precision == "float" else q
             else:

@@ -37,7 +37,7 @@ def optimize_auto(run, original, clean, layers, quant: str):
     """(model, plan, PassManager of the model's build or None, report extras)."""
     r = run.recipe
     t0 = time.perf_counter()
-    precisions = {"auto": ["float", "int8"], "int8": ["int8"]}.get(quant, ["float"])
+    precisions = precisions_for(quant, r.objective)
     base_precision = "int8" if precisions == ["int8"] else "float"
     methods = registry.cost_models()
     planner = Planner(r, methods)
@@ -52,19 +52,27 @@ def optimize_auto(run, original, clean, layers, quant: str):
     facts = {"latency": measure_latency(layers, options, methods, r.providers[0], run.progress)}
     if r.objective == "latency":
         _prune_slower(options)
-    facts["sensitivity"] = _sensitivity(run, clean, options, "int8" in precisions)
+    q4 = None
+    if "int4" in precisions:
+        from .int4 import drop_unavailable, int4_noise
+
+        q4, facts["int4_sensitivity"] = int4_noise(run, clean, layers, SENSITIVITY_SAMPLES)
+        drop_unavailable(options, q4)
+    facts["sensitivity"] = _sensitivity(run, clean, options, "int8" in precisions, q4)
     budget = _budget(run, original)
     run.factor_cache = MemoryFactorCache()
 
     def build(selection):
         plan = plan_of(selection, layers, why_not)
         fl = [n for n, o in selection.items() if o.precision == "float"]
-        q = "int8" if any(o.precision == "int8" for o in selection.values()) else (quant if quant == "fp16" else
-                                                                                   "none")
+        i4 = [n for n, o in selection.items() if o.precision == "int4"]
+        q = "int8" if any(o.precision == "int8" for o in selection.values()) else "int4" if i4 else (
+            quant if quant == "fp16" else "none")
         # mixed precision: only the INT8 layers are quantized (their neighbours — Add, Clip, pooling — stay float:
         # the one-layer sensitivities measured exactly that); all layers INT8: the whole graph, as INT8 alone
-        only = [n for n, o in selection.items() if o.precision == "int8"] if q == "int8" and fl else None
-        return run.build(clean, plan, q, fl if q == "int8" else (), int8_layers=only)
+        only = [n for n, o in selection.items() if o.precision == "int8"] if q == "int8" and fl and not i4 else None
+        return run.build(clean, plan, q, fl if q in ("int8", "int4") else (), int4_layers=i4 if q == "int8" else (),
+                         int8_layers=only)
 
     def measure(model):
         return run.fidelity(original, model), run.whole_latency(original, model), model_bytes(model)
@@ -99,6 +107,13 @@ def optimize_auto(run, original, clean, layers, quant: str):
     if chosen is None:
         return clean, plan_of({}, layers, why_not, reason="auto: nothing qualified (see the budget)"), None, extra
     return chosen.model, plan_of(chosen.selection, layers, why_not), chosen.build_info, extra
+
+
+def precisions_for(quant: str, objective: str) -> list[str]:
+    """The precisions the search may give a layer. INT4 is a size format on ORT CPU (slower than FP32): an
+    option only under `--objective size` (or when `--quantize int4` asks for it), never a latency candidate."""
+    out = {"auto": ["float", "int8"], "int8": ["int8"], "int4": ["float", "int4"]}.get(quant, ["float"])
+    return out + ["int4"] if quant == "auto" and objective == "size" else out
 
 
 def plan_of(selection: dict, layers, why_not: dict, reason: str | None = None) -> Plan:
@@ -147,7 +162,7 @@ def _prune_slower(options: dict) -> None:
         options[name] = [o for o in opts if useful(o)]
 
 
-def _sensitivity(run, clean, options: dict, int8: bool) -> dict:
+def _sensitivity(run, clean, options: dict, int8: bool, int4: dict | None = None) -> dict:
     """One-layer sensitivities of the remaining options (the analyze sweep, cached on disk) → noise per option."""
     from ..analysis.sweep import analyze
 
@@ -160,7 +175,7 @@ def _sensitivity(run, clean, options: dict, int8: bool) -> dict:
                 by_method.setdefault(o.method, set()).add(name)
     layers_q = [n for n in options]
     if not only and not int8:
-        predicted_noise(options, {}, {})
+        predicted_noise(options, {}, {}, int4)
         return {"variants": 0}
     src = run.calib if run.calib is not None else "random"
     methods = {m: sorted(v) for m, v in by_method.items()} or {"tucker2": []}
@@ -191,7 +206,7 @@ def _sensitivity(run, clean, options: dict, int8: bool) -> dict:
             td[(row["layer"], row["method"], tuple(row["ranks"]))] = row["noise"]
         elif row["kind"] == "int8":
             q[row["layer"]] = row["noise"]
-    predicted_noise(options, td, q)
+    predicted_noise(options, td, q, int4)
     st = res["stats"]
     return {"variants": st["tasks"], "evaluated": st["evaluated"], "cached": st["cached"],
             "samples": res["settings"]["samples"], "data": res["settings"]["data"],

@@ -15,9 +15,9 @@ OPTIONS = [
     ("what to do", ["--method"], "method", "str", "auto (the best model within the budget: per layer keep / "
      "tucker2 / cp4 / cp3 / svd, measured) | tucker2 | cp4 | cp3 | svd | none"),
     ("what to do", ["--quantize"], "quantize", "str", "auto (INT8 per node where the budget allows; needs "
-     "calibration data) | int8 | fp16 | none"),
+     "calibration data) | int8 | int4 (a size format: smaller, not faster on CPU) | fp16 | none"),
     ("what to do", ["--objective"], "objective", "str", "what --method auto maximises under the budget: latency | "
-     "size"),
+     "size (size also tries INT4 per layer)"),
     ("what to do", ["--recipe"], None, "str", "TOML recipe (every flag is a field; flags on the command line win)"),
     ("ranks", ["--ratio"], "ratio", "float", "parameter ratio per layer (> 1), e.g. 2 (default 2 when no --rank or "
      "--target-macs is given)"),
@@ -58,6 +58,15 @@ OPTIONS = [
      "activation type: uint8 | int8 (default: uint8 on cpu, int8 on cuda/tensorrt)"),
     ("quantization", ["--int8-weights"], "int8_weights", "str", "override the INT8 weight type: int8 | uint8 "
      "(default: int8)"),
+    ("quantization", ["--qaf"], "qaf", "flag", "quantization-aware factorization: fit factorized chains on the "
+     "INT8/INT4 grid they are stored on (default: on whenever a factorized layer is quantized)"),
+    ("quantization", ["--no-qaf"], "qaf", ("no", "--qaf"), "no QAF: the chains' weights are rounded to nearest"),
+    ("quantization", ["--int4-activations"], "int4_activations", "str", "--quantize int4: float (weight-only, no "
+     "calibration needed) | int8 (int4 weights with the provider's INT8 activations; needs calibration data)"),
+    ("quantization", ["--int4-block-size"], "int4_block_size", "int", "MatMulNBits block size for int4 "
+     "MatMul/Gemm weights (power of two >= 16)"),
+    ("quantization", ["--int4-accuracy-level"], "int4_accuracy_level", "int", "MatMulNBits accuracy_level (4: "
+     "int8 activations inside the kernel, faster on CPU)"),
     ("data", ["--calibration"], "calibration", "str", "calibration data: DIR | FILE.npy | FILE.npz | random "
      "(default: none — INT8 off, the result judged on synthetic inputs only)"),
     ("data", ["--calibration-samples"], "calibration_samples", "int", "calibration samples"),

@@ -9,7 +9,7 @@ from .shapes import infer_value_shapes
 
 
 QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger", "MatMulInteger",
-             "QLinearMatMul", "DynamicQuantizeLinear"}
+             "QLinearMatMul", "DynamicQuantizeLinear", "MatMulNBits"}
 
 
 def model_params(model: onnx.ModelProto) -> int:
@@ -57,6 +57,10 @@ def model_macs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> in
             ws, os_ = shape(n.input[wi]), shape(n.output[0])
             if ws and os_:
                 total += int(np.prod(ws)) * int(np.prod(os_[2:]))
+        elif n.op_type == "MatMulNBits":       # K and N are attributes; weights packed
+            o = shape(n.output[0])
+            if o:
+                total += int(np.prod(o)) * int(_attr(n, "K", 0))
         elif n.op_type in ("Gemm", "MatMul", "MatMulInteger"):
             a, o = shape(n.input[0]), shape(n.output[0])
             if a and o:

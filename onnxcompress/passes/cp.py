@@ -464,8 +464,10 @@ def apply_activation_scales(model: onnx.ModelProto, chains: dict[str, list[str]]
 def _builder(variant: str):
     def build(policy, w: Wiring) -> CPPass:
         r = w.recipe
-        int8 = w.quantized == "int8"
-        eq = r.cp_equalize or ("data" if w.calibration is not None and w.calibration_real else "data-free")
+        int8 = w.quantized in ("int8", "int4")   # EPC and the κ fallback for any quantized weights
+        # data equalisation widens the R→T conv's rows, which costs more than it gains at 4 bits (QAF_INT4.md)
+        eq = r.cp_equalize or ("data" if w.calibration is not None and w.calibration_real and
+                               w.quantized != "int4" else "data-free")
         if eq == "data" and w.calibration is None:
             w.warnings.append("--cp-equalize data needs --calibration data: used data-free equalisation")
             eq = "data-free"

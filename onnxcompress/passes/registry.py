@@ -21,10 +21,13 @@ def cost_models() -> dict:
 
 
 def quantizer(kind: str, **kw):
-    """The quantization pass for `kind` ("int8" | "fp16"); keyword arguments go to its constructor."""
+    """The quantization pass for `kind` ("int8" | "int4" | "fp16"); keyword arguments go to its constructor."""
     if kind == "int8":
         from .int8 import QuantizeInt8
         return QuantizeInt8(**kw)
+    if kind == "int4":
+        from .int4 import QuantizeInt4
+        return QuantizeInt4(**kw)
     if kind == "fp16":
         from .fp16 import ConvertFP16
         return ConvertFP16(**kw)

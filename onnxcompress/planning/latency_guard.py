@@ -280,7 +280,7 @@ def guard_enabled(setting: bool | None, providers: Sequence[str]) -> bool:
 
 def guard_for_recipe(recipe, timer: Timer | None = None) -> LatencyGuard | None:
     """The guard a Recipe asks for (None when off). Times INT8 QDQ layers when the recipe quantizes to INT8
-    for ORT CPU, else FP32."""
+    for ORT CPU, else FP32 (INT4 too: ORT CPU runs int4 convs as DequantizeLinear → float Conv)."""
     if not guard_enabled(recipe.latency_guard, recipe.providers):
         return None
     provider = recipe.providers[0] if recipe.providers else "cpu"

@@ -128,6 +128,7 @@ def render_table(r: Report, max_layers: int = 200) -> str:
         i8 = q["int8"]
         lines.append(f"INT8    QDQ, {i8['activations']} activations / {i8['weights']} weights"
                      f"{' per-channel' if i8.get('per_channel') else ''} ({i8.get('reason', '')})")
+    lines += _int4_qaf_lines(q)
     if q.get("fp16"):
         lines.append(f"FP16    {q['fp16'].get('note', '')}")
     if r.calibration:
@@ -171,3 +172,18 @@ def render_table(r: Report, max_layers: int = 200) -> str:
     for w in r.warnings:
         lines.append(f"warning {w}")
     return "\n".join(lines)
+
+
+def _int4_qaf_lines(q: dict) -> list[str]:
+    """The INT4 line (what it bought and cost, measured) and one QAF line per grid."""
+    lines = []
+    if q.get("int4"):
+        i4, ms = q["int4"], q["int4"].get("measured") or {}
+        lines.append(f"INT4    Conv weights int4 per channel, {i4['activations']} activations; {i4['matmul']}"
+                     + (f"; measured against the model entering INT4: {ms['size_ratio']:.2f}x smaller, "
+                        f"{ms['latency_ratio']:.2f}x its speed on {ms['provider']} (a size format)"
+                        if ms.get("size_ratio") and ms.get("latency_ratio") else ""))
+    for qa in q.get("qaf") or []:
+        lines.append(f"QAF     {qa['layers']} factorized chains fitted on the {qa['bits']}-bit grid they are stored "
+                     f"on (weight errors per layer in the JSON report)")
+    return lines
