@@ -156,7 +156,7 @@ def window_view(x, kh, kw, strides, pads, dilations):
     if pt or pl or pb or pr:
         x = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
     eh, ew = (kh - 1) * dh + 1, (kw - 1) * dw + 1
-    view = slidingwindow_view(x, (eh, ew), axis=(2, 3))
+    view = sliding_window_view(x, (eh, ew), axis=(2, 3))
     return view, ho, wo
 
 
