@@ -185,3 +185,39 @@ def test_mobilenetv2_every_1x1_at_1p5x_disjoint_photos():
     # benchmarks/data_aware_whole.py: +3.36); 2.5 dB leaves room for BLAS/ORT float noise
     assert fd["sqnr_db"] >= fp["sqnr_db"] + 2.5, (fp["sqnr_db"], fd["sqnr_db"])
     assert fd["top1_agreement"] >= fp["top1_agreement"]
+
+
+def _mlp(seed=0, D=24, H=32):
+    """x → Gemm → Relu → Gemm → Relu → Gemm: the first chain reads the graph input."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits, nodes, h = [], [], "x"
+    for i, (a, b) in enumerate([(D, H), (H, H), (H, 10)]):
+        inits += [numpy_helper.from_array((rng.standard_normal((b, a)) / np.sqrt(a)).astype(np.float32), f"W{i}"),
+                  numpy_helper.from_array((0.1 * rng.standard_normal(b)).astype(np.float32), f"B{i}")]
+        nodes.append(helper.make_node("Gemm", [h, f"W{i}", f"B{i}"], [f"g{i}"], name=f"fc{i}", transB=1))
+        h = f"g{i}"
+        if i < 2:
+            nodes.append(helper.make_node("Relu", [h], [f"r{i}"], name=f"relu{i}"))
+            h = f"r{i}"
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", D])],
+                          [helper.make_tensor_value_info(h, TensorProto.FLOAT, ["N", 10])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("inputs,segmented", [("compressed", True), ("compressed", False), ("original", False)])
+def test_chain_on_a_graph_input_in_every_mode(inputs, segmented):
+    ref = _mlp()
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((256, 4)) @ rng.standard_normal((4, 24)) + 0.1 * rng.standard_normal((256, 24))
+         ).astype(np.float32)
+    plain = optimize(ref, Recipe(method="svd", ratio=2, quantize="none", rank_multiple=1, latency_guard=False,
+                                 verify=False)).model
+    fit, ho, nf, nh = _feeds(x[:192], "x", bs=16)
+    m, rep = SequentialDataAware(fit, ho, nf, nh, inputs=inputs, segmented=segmented).run(plain, ref)
+    assert [l.name for l in rep.layers] == ["fc0", "fc1"] and rep.net_db_final >= rep.net_db_plain
+    xe = x[192:]
+    assert fidelity(ref, m, [(xe, None)]).sqnr_db >= fidelity(ref, plain, [(xe, None)]).sqnr_db
