@@ -81,6 +81,7 @@ def rows_for(model, cal, ev, label, ratios, variants, **recipe) -> list[dict]:
 
 def mobilenetv2(ratios, variants):
     import mobilenetv2_svd as mb
+
     from onnxcompress.zoo import cache_dir
 
     path = cache_dir() / "mobilenetv2-imagenet-folded.onnx"
@@ -107,8 +108,8 @@ def transformer(ratios, variants):
 
 
 def table(rows) -> str:
-    out = ["| model | ratio | factors | SQNR dB | top-1 agr. | accuracy | kept plain / +bias / DA | held-out net dB "
-           "plain → kept | s (DataAware pass) |", "|---|---|---|---|---|---|---|---|---|"]
+    out = [("| model | ratio | factors | SQNR dB | top-1 agr. | accuracy | kept plain / +bias / DA | held-out net dB "
+            "plain → kept | s (DataAware pass) |"), "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         k = r.get("kept")
         kept = f"{k['plain']} / {k['plain+bias']} / {k['da']}" if k else ""

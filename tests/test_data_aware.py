@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcompress.decompose.stats import RowStats, rows_last
-from onnxcompress.ort.capture import capture
-from onnxcompress.decompose.stats import ConvInputStats
+from onnxcompress.decompose.stats import ConvInputStats, RowStats, rows_last
 from onnxcompress.errors import UserError
+from onnxcompress.ort.capture import capture
 from onnxcompress.pipeline import optimize
 from onnxcompress.recipe import Recipe
 

@@ -17,8 +17,15 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxcompress.decompose.compensate import (CrossMoment, HeldOutRows, choose, damped_target, heldout_mse,
-                                               svd_candidates, tucker2_candidates)
+from onnxcompress.decompose.compensate import (
+    CrossMoment,
+    HeldOutRows,
+    choose,
+    damped_target,
+    heldout_mse,
+    svd_candidates,
+    tucker2_candidates,
+)
 from onnxcompress.ort.fidelity import fidelity
 from onnxcompress.passes.data_aware import DataAwarePass, SequentialDataAware
 from onnxcompress.passes.fold_bn import FoldBatchNorm
@@ -134,7 +141,7 @@ def test_guarantee_falls_back_when_fitted_on_noise(digits):
 def test_frontier_on_disk_equals_prefix_reruns(digits):
     ref, plain, xc, _, _, name = digits
     fit, ho, nf, nh = _feeds(xc, name)
-    kw = dict(tucker2_lams=(1e-2,), lams=(1e-2,))
+    kw = {"tucker2_lams": (1e-2,), "lams": (1e-2,)}
     a, _ = SequentialDataAware(fit, ho, nf, nh, segmented=True, **kw).run(plain, ref)
     b, _ = SequentialDataAware(fit, ho, nf, nh, segmented=False, **kw).run(plain, ref)
     # the segments run fused differently on ORT (float noise of ~1e-6), so compare what the models compute

@@ -34,8 +34,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.linalg as sla
 
-__all__ = ["CrossMoment", "Regression", "HeldOutRows", "apply_factors", "Candidate", "Choice", "damped_target", "heldout_mse",
-           "svd_candidates", "tucker2_candidates", "choose", "LAMBDAS"]
+__all__ = [
+    "LAMBDAS",
+    "Candidate",
+    "Choice",
+    "CrossMoment",
+    "HeldOutRows",
+    "Regression",
+    "apply_factors",
+    "choose",
+    "damped_target",
+    "heldout_mse",
+    "svd_candidates",
+    "tucker2_candidates",
+]
 
 #: default damping grid (relative to mean(diag Σ̃)); chosen per layer on held-out rows
 LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0)
@@ -55,7 +67,7 @@ class CrossMoment:
         self.count = 0.0
         self.rows = 0
 
-    def update(self, X: np.ndarray, Y: np.ndarray, weight: float = 1.0) -> "CrossMoment":
+    def update(self, X: np.ndarray, Y: np.ndarray, weight: float = 1.0) -> CrossMoment:
         if X.shape[0] != Y.shape[0]:
             raise ValueError(f"row mismatch {X.shape} vs {Y.shape}")
         if self.Sxx is None:
@@ -75,7 +87,7 @@ class CrossMoment:
         self.rows += X.shape[0]
         return self
 
-    def regression(self) -> "Regression":
+    def regression(self) -> Regression:
         if self.Sxx is None or self.count == 0:
             raise ValueError("no rows accumulated")
         n = self.count
@@ -164,12 +176,12 @@ class HeldOutRows:
     def __init__(self):
         self.X, self.Y = [], []
 
-    def update(self, X: np.ndarray, Y: np.ndarray) -> "HeldOutRows":
+    def update(self, X: np.ndarray, Y: np.ndarray) -> HeldOutRows:
         self.X.append(np.asarray(X, np.float32))
         self.Y.append(np.asarray(Y, np.float32))
         return self
 
-    def finish(self) -> "HeldOutRows":
+    def finish(self) -> HeldOutRows:
         if len(self.X) != 1:
             self.X, self.Y = [np.concatenate(self.X)], [np.concatenate(self.Y)]
         return self
@@ -276,7 +288,7 @@ def tucker2_candidates(K: np.ndarray, bias: np.ndarray | None, r3: int, r4: int,
     return out
 
 
-def choose(cands: list[Candidate], heldout: "Regression | HeldOutRows", fit: Regression | None = None,
+def choose(cands: list[Candidate], heldout: Regression | HeldOutRows, fit: Regression | None = None,
            margin: float = 0.0) -> Choice:
     """Score every candidate on the held-out rows (their moments, or the rows themselves); keep the best,
     the plain factors unless a data-aware one is lower by more than `margin` (relative). `fit`: also score

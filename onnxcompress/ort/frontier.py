@@ -13,8 +13,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import numpy as np
 import onnx
@@ -93,7 +93,7 @@ class Frontier:
             inf = onnx.shape_inference.infer_shapes(model)
             self.dtypes = {v.name: v.type.tensor_type.elem_type for v in list(inf.graph.value_info) +
                            list(inf.graph.output) if v.type.tensor_type.elem_type}
-        except Exception:       # shape inference is a convenience here: float outputs are the default
+        except (onnx.shape_inference.InferenceError, ValueError):   # a convenience: outputs default to float
             self.dtypes = {}
         for bi, feed in enumerate(feeds()):
             for name, a in feed.items():

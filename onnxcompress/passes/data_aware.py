@@ -31,15 +31,22 @@ import itertools
 import math
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
-from typing import Callable, Iterable
 
 import numpy as np
 import onnx
 
 from ..decompose._blas import one_blas_thread
-from ..decompose.compensate import LAMBDAS, CrossMoment, HeldOutRows, choose, svd_candidates, tucker2_candidates
+from ..decompose.compensate import (
+    LAMBDAS,
+    CrossMoment,
+    HeldOutRows,
+    choose,
+    svd_candidates,
+    tucker2_candidates,
+)
 from ..ir.chains import Chain, chain_factors, find_chains, unshare_biases, write_factors
 from ..ort.frontier import Frontier, RowView, has_subgraphs, session_for
 from .base import Pass, PassContext, PassResult
