@@ -16,8 +16,8 @@ crops of one photo share a class): the numbers are fidelity to the original mode
 statistics, not ImageNet accuracy.
 
 Rows: ratio (parameter ratio of the rewritten 1×1 convs, exact ranks: rank_multiple=1), plain SVD vs
-data-aware (whitened SVD from the 1×1 convs' input second moments, then least-squares refit of the second
-factor and bias), FP32 and INT8 (QDQ, ORT CPU, calibrated on the calibration crops). Metrics: top-1 / top-5
+data-aware (`--data-aware`: plain SVD, then each chain refit in order to the original outputs from its inputs in
+the model compressed so far, kept where it lowers the error on held-out calibration crops), FP32 and INT8 (QDQ, ORT CPU, calibrated on the calibration crops). Metrics: top-1 / top-5
 agreement with the original FP32 model and SQNR (dB) of the logits on the evaluation crops.
 
     python benchmarks/mobilenetv2_svd.py [--ratios 1.5 2 3] [--n-calib 128] [--n-eval 128] [--ablation]
@@ -195,7 +195,8 @@ def main(argv=None):
     ap.add_argument("--n-calib", type=int, default=128)
     ap.add_argument("--n-eval", type=int, default=128)
     ap.add_argument("--quantize", nargs="+", default=["none", "int8"])
-    ap.add_argument("--ablation", action="store_true", help="also data-aware without the refit (FP32)")
+    ap.add_argument("--ablation", action="store_true", help="also data-aware --no-refit (inputs from the original "
+                    "model; FP32)")
     ap.add_argument("--split", default="photos", choices=["photos", "crops"],
                     help="photos: calibration/evaluation from disjoint photos; crops: different crops of all photos")
     ap.add_argument("--include", nargs="*", default=[], help="layer globs (default: every 1x1 conv but the first)")

@@ -28,7 +28,7 @@ from .passes.base import LayerRecord, Wiring
 from .passes.manager import PassManager
 from .planning.planner import Plan, Planner
 from .recipe import Recipe
-from .report.report import Gate, Report, nothing_changed
+from .report.report import Gate, Report, data_aware_line, nothing_changed
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -79,7 +79,7 @@ class Run:
         self.eval_src = eval_data if eval_data is not None else self.recipe.eval_data
         self.progress = progress
         self.report = Report(recipe=self.recipe.to_dict(), versions=_versions(), warnings=list(provider_warnings))
-        self.data_aware = None
+        self.data_aware_facts = None
 
     def note(self, msg: str) -> None:
         if self.progress:
@@ -136,6 +136,8 @@ class Run:
         if r.data_aware and r.method not in ("tucker2", "svd"):
             raise UserError(f"--data-aware works with --method tucker2 or svd (not {r.method})")
         self.open_data()       # the data sources the user named are opened (and checked) before any work
+        if r.data_aware:
+            self.data_aware_split(model)
         self.already_quantized = bool(q)
         quant = self.quantization_mode()
         pm = PassManager(self.shapes, verify=r.verify, progress=self.progress, seed=r.seed)
@@ -231,8 +233,8 @@ class Run:
     # ------------------------------------------------------------------------------------------ build
     def build(self, clean: onnx.ModelProto, plan: Plan, quant: str, float_layers=(), verify: bool | None = None,
               int4_layers=(), int8_layers=None):
-        """The model of a plan: the decomposition passes of every planned method, the refit (data-aware), QAF,
-        then the quantization (`float_layers` stay out of INT8; with quant "int8", `int4_layers` get INT4
+        """The model of a plan: the decomposition passes of every planned method, the data-aware pass
+        (--data-aware), QAF, then the quantization (`float_layers` stay out of INT8; with quant "int8", `int4_layers` get INT4
         weights in the same model; with `int8_layers` only those layers — with their factor chains — are
         quantized and every other node stays float). Returns (model, PassManager)."""
         r = self.recipe
@@ -245,29 +247,16 @@ class Run:
                int8_layers=None) -> list:
         r, report = self.recipe, self.report
         calib = self.calib
-        if calib is None and r.data_aware:
-            raise UserError("--data-aware needs calibration data: pass --calibration DIR|FILE "
-                            "(or --calibration random, which only makes sense for smoke tests)")
         feeds = feeds_factory(model, calib) if calib is not None else None
         real = calib is not None and getattr(calib, "kind", "") != "random"
-        da = None
-        if r.data_aware:
-            from .passes.data_aware import DataAware
-
-            if not real:
-                report.warnings.append("--data-aware statistics come from random inputs (not real data): the "
-                                       "factorization is fitted to noise; pass --calibration DIR|FILE")
-            da = DataAware(feeds=feeds, shapes=self.shapes, method=r.data_aware_method, n_samples=len(calib),
-                           batch_size=16, seed=r.seed, progress=self.progress)
-            da.facts["calibration"] = {"kind": getattr(calib, "kind", "?"), "samples": len(calib),
-                                       "description": getattr(calib, "description", "")}
-        wiring = Wiring(recipe=r, shapes=self.shapes, calibration=feeds, calibration_real=real, data_aware=da,
+        if r.data_aware and not real:
+            report.warnings.append("--data-aware statistics come from random inputs (not real data): the "
+                                   "factorization is fitted to noise; pass --calibration DIR|FILE")
+        wiring = Wiring(recipe=r, shapes=self.shapes, calibration=feeds, calibration_real=real,
                         quantized=quant, factor_cache=getattr(self, "factor_cache", None))
-        self.data_aware = da
         out = [registry.METHODS[m].build(plan.policy(m), wiring) for m in registry.METHODS if m in plan.methods()]
-        if da is not None and r.data_aware_refit and out:
-            from .passes.refit import RefitPass
-            out.append(RefitPass(da))
+        if r.data_aware and out:     # the factorization passes run plain; this pass revisits their chains
+            out.append(self.data_aware_pass(model))
         for w in wiring.warnings:
             if w not in report.warnings:
                 report.warnings.append(w)
@@ -282,6 +271,42 @@ class Run:
         elif quant == "fp16":
             out.append(registry.quantizer("fp16"))
         return out
+
+    def data_aware_split(self, model: onnx.ModelProto) -> None:
+        """--data-aware's calibration split, checked before any work: 3 of every 4 calibration samples fit the
+        statistics, the 4th (by sample index) judges every choice; batches of 16, or of the model's fixed batch."""
+        from .data.datasets import InterleavedSplit
+        from .ir.shapes import fixed_batch
+
+        calib, k = self.calib, DATA_AWARE_HOLDOUT_EVERY
+        if calib is None:
+            raise UserError("--data-aware needs calibration data: pass --calibration DIR|FILE "
+                            "(or --calibration random, which only makes sense for smoke tests)")
+        fit = InterleavedSplit(calib, k, k - 1, complement=True, role="data-aware fit")
+        held = InterleavedSplit(calib, k, k - 1, role="data-aware held-out")
+        fixed = fixed_batch(model, next(iter(self.shapes)))
+        bs = fixed or 16
+        nf, nh = (len(fit) // bs, len(held) // bs) if fixed else (-(-len(fit) // bs), -(-len(held) // bs))
+        if nf == 0 or nh == 0:
+            raise UserError(f"--data-aware needs at least {k * bs if fixed else k} calibration samples (every "
+                            f"{k}th is held out to accept or reject each layer's data-aware factors"
+                            f"{f'; the model takes batches of {bs}' if fixed else ''}); got {len(calib)}")
+        self.da_split = (fit, held, bs, nf, nh)
+        self.data_aware_facts = {
+            "method": self.recipe.data_aware_method, "refit": self.recipe.data_aware_refit,
+            "calibration": {"kind": getattr(calib, "kind", "?"), "samples": len(calib), "fit_samples": len(fit),
+                            "heldout_samples": len(held), "description": getattr(calib, "description", "")}}
+
+    def data_aware_pass(self, model: onnx.ModelProto):
+        """--data-aware: the pass that revisits the plain factor chains against `model` (what the first
+        factorization pass receives: the clean-up passes' result), on the split of data_aware_split."""
+        from .passes.data_aware import ALS_ITER, DataAwarePass
+
+        r = self.recipe
+        fit, held, bs, nf, nh = self.da_split
+        return DataAwarePass(model, feeds_factory(model, fit, bs), feeds_factory(model, held, bs), nf, nh,
+                             als_iter=ALS_ITER[r.data_aware_method],
+                             inputs="compressed" if r.data_aware_refit else "original", seed=r.seed)
 
     def float_globs(self, float_layers: list[str]) -> list[str]:
         from .ir.names import exact_globs
@@ -425,6 +450,9 @@ class Run:
         records = layer_records(plan, layers, [res for p, res in results if p.name in _DECOMPOSITION_PASSES],
                                 int8_nodes, "fp16" if any(p.name == "ConvertFP16" for p, _ in results) else None,
                                 int4_nodes)
+        da = next((res.info["data_aware"] for p, res in results if "data_aware" in res.info), None)
+        if da is not None:
+            self.data_aware_outcomes(da, records)
         qaf = [res for p, res in results if p.name == "QAF"]
         if qaf:
             from .passes.qaf import merge_records
@@ -455,16 +483,32 @@ class Run:
             m["plan"] = dict(plan.summary)
         if done:
             m["decomposed_ratio"] = m["decomposed_params_before"] / max(m["decomposed_params_after"], 1)
-        if self.data_aware is not None:
-            m["data_aware"] = {**self.data_aware.facts, "method": self.data_aware.method}
+        if da is not None:
+            m["data_aware"] = {**(self.data_aware_facts or {}), **da}
         unchanged = nothing_changed(report.passes, report.layers)
         if unchanged:
             report.warnings.append(unchanged)
         for k, v in extra.items():
             setattr(report, k, v)
 
+    def data_aware_outcomes(self, da: dict, records: list[LayerRecord]) -> None:
+        """Per layer, what the data-aware pass kept and why (LayerRecord.extra); one info line."""
+        by = {o["name"]: o for o in da.get("layers", [])}
+        for rec in records:
+            o = by.get(rec.name)
+            if o is not None and rec.skipped is None:
+                rec.extra.update({k: o[k] for k in ("kept", "fell_back", "reason", "heldout_db_plain",
+                                                     "heldout_db_kept")})
+                if not o["fell_back"] and o.get("weight_rel_error") is not None:
+                    rec.extra["weight_rel_error_plain"] = rec.weight_rel_error
+                    rec.weight_rel_error = o["weight_rel_error"]
+        if by:
+            self.note(data_aware_line(da))
 
-_DECOMPOSITION_PASSES = {"Tucker2", "CP4", "CP3", "SVD", "Refit"}
+
+_DECOMPOSITION_PASSES = {"Tucker2", "CP4", "CP3", "SVD"}
+#: --data-aware holds every k-th calibration sample out of the fit (it judges each layer's candidates)
+DATA_AWARE_HOLDOUT_EVERY = 4
 
 
 def layer_records(plan: Plan, layers, results, int8_nodes=frozenset(), whole_precision: str | None = None,

@@ -84,11 +84,14 @@ class Recipe:
     cp_fallback: str = "keep-float"      # κ > cp_kappa_max under INT8: keep-float | int16 | tucker2 | none
     cp_kappa_max: float = 2.5            # measured: benchmarks/cp_int8_evidence.py
     max_memory_mb: int = 4096            # refuse a layer decomposition whose working set would exceed this
-    # SVD (--method svd; passes/svd.py) and data-aware mode (--data-aware; data_aware.py)
+    # SVD (--method svd; passes/svd.py) and data-aware mode (--data-aware; passes/data_aware.py)
     svd_gemm: bool = False               # --method tucker2: also SVD Gemm/MatMul weights (1x1 convs always)
     svd_skip_last: bool = True           # leave the graph's last Gemm/MatMul (the classifier) alone
-    data_aware_method: str = "als"       # Σ-Tucker2 for k×k convs: als (Tucker2-ALS-Σ) | kron (Kronecker)
-    data_aware_refit: bool = True        # refit each chain's last factor and bias on the calibration data
+    data_aware_method: str = "kron"      # data-aware Σ-Tucker2 of k×k convs: kron (Kronecker-whitened init + the
+                                         # closed-form last factor/core) | als (+ 2 Tucker2-ALS-Σ sweeps)
+    data_aware_refit: bool = True        # fit each layer to the outputs of the original model from its inputs in
+                                         # the model compressed so far (compensates upstream errors); False: its
+                                         # inputs in the original model
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> "Recipe":

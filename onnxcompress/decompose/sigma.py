@@ -213,11 +213,12 @@ class _SigmaALS:
     Gm[a, l·R3 + r] = G[a, r, l].  B = U_S ⊗ I_k is never formed.
     """
 
-    def __init__(self, W: np.ndarray, C: np.ndarray, S: int, k: int, r3: int, r4: int):
+    def __init__(self, W: np.ndarray, C: np.ndarray, S: int, k: int, r3: int, r4: int,
+                 WC: np.ndarray | None = None):
         self.W, self.C, self.S, self.k, self.r3, self.r4 = W, C, S, k, r3, r4
         self.T = W.shape[0]
         self.D = S * k
-        self.WC = W @ C  # (T, D)
+        self.WC = W @ C if WC is None else WC  # (T, D)
         self.wnorm2 = float(np.sum(self.WC * W))
         # C with columns permuted to (l, s') order -> (D, k, S), contiguous
         self.Cp = np.ascontiguousarray(C.reshape(self.D, S, k).transpose(0, 2, 1))
@@ -344,6 +345,7 @@ def tucker2_sigma_als(
     cg_maxiter: int = 10,
     cg_tol: float = 1e-2,
     init_hooi_iter: int = 50,
+    WC: np.ndarray | None = None,
 ) -> Tucker2Factors:
     """Tucker2-ALS-Σ: minimize ‖(W − Ŵ)L‖², Σ + ε·tr(Σ)/D·I = LLᵀ (§4).
 
@@ -367,6 +369,10 @@ def tucker2_sigma_als(
     ``output_rel_error`` is computed explicitly under the regularized Σ;
     ``history`` holds the relative output error after each accepted sweep
     (entry 0: the initializer with optimal U_T/core).
+
+    ``WC``: the product W·C (T, D) when the caller already has it (the damped
+    compensating target of decompose.compensate does: C_yx + δW); spares a
+    T·D² product.
     """
     K, r3, r4 = _check_kernel(K, r3, r4)
     T, S, Kh, Kw = K.shape
@@ -395,7 +401,7 @@ def tucker2_sigma_als(
     if U_S.shape != (S, r3):
         raise ValueError(f"init U_S has shape {U_S.shape}, expected {(S, r3)}")
 
-    st = _SigmaALS(W, C, S, k, r3, r4)
+    st = _SigmaALS(W, C, S, k, r3, r4, WC)   # WC: W·C when the caller has it (saves a T·D² product)
     if st.wnorm2 <= 0.0:
         core = np.zeros((r4, r3, Kh, Kw))
         U_T = np.eye(T, r4)

@@ -136,7 +136,7 @@ def conv_output_shape(
     return ho, wo
 
 
-def _window_view(x, kh, kw, strides, pads, dilations):
+def window_view(x, kh, kw, strides, pads, dilations):
     """Return (view, ho, wo) where view[n, s, i, j, a, b] spans the dilated window.
 
     view has shape (N, S, Ho_full, Wo_full, eh, ew) over the padded input
@@ -178,7 +178,7 @@ def im2col(
     x = np.asarray(x)
     sh, sw = _pair(strides, "strides")
     dh, dw = _pair(dilations, "dilations")
-    view, ho, wo = _window_view(x, kh, kw, strides, pads, dilations)
+    view, ho, wo = window_view(x, kh, kw, strides, pads, dilations)
     v = view[:, :, : (ho - 1) * sh + 1 : sh, : (wo - 1) * sw + 1 : sw, ::dh, ::dw]
     # (N, S, Ho, Wo, kh, kw) -> (N, Ho, Wo, S, kh, kw)
     n, s = x.shape[0], x.shape[1]
@@ -223,7 +223,7 @@ class ConvInputStats:
         return self._sample(np.asarray(x))[0]
 
     def _sample(self, x: np.ndarray) -> tuple[np.ndarray, float]:
-        view, ho, wo = _window_view(x, self.kh, self.kw, self.strides, self.pads, self.dilations)
+        view, ho, wo = window_view(x, self.kh, self.kw, self.strides, self.pads, self.dilations)
         n, s = x.shape[0], x.shape[1]
         total = n * ho * wo
         if self.max_positions is None or total <= self.max_positions:

@@ -4,8 +4,8 @@
 feed returns their values. `capture(model, requests, feeds)` streams batches through taps and folds each
 requested tensor into its accumulators (objects with `.update(array)`), batch by batch, so memory stays bounded
 by the accumulators and one batch of captured tensors; tensors are split into groups (one pass over the data per
-group) when one batch of them would exceed `max_capture_mb`. Used by the data-aware statistics, the CP
-activation ranges, the refit and the sensitivity sweeps."""
+group) when one batch of them would exceed `max_capture_mb`. Used by the CP activation ranges and the sensitivity
+sweeps (the data-aware pass streams through ort.frontier)."""
 from __future__ import annotations
 
 import time

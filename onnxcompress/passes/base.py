@@ -90,13 +90,11 @@ class Pass:
 class Wiring:
     """What the pipeline hands a method's `build` besides the plan: the recipe (a plain config object; passes
     read the fields they need), the pipeline's input shapes, calibration feeds (None without real or random
-    data), whether those feeds are real data, the shared data-aware context (None unless data-aware), whether
-    a quantization pass follows, and an optional factor cache (sensitivity sweeps)."""
+    data), whether those feeds are real data, whether a quantization pass follows, and an optional factor cache (sensitivity sweeps)."""
     recipe: Any
     shapes: dict[str, tuple[int, ...]]
     calibration: Callable[[], Any] | None = None
     calibration_real: bool = False
-    data_aware: Any = None
     quantized: str = "none"            # "int8" | "int4" | "fp16" | "none": what follows the decomposition
     factor_cache: Any = None
     warnings: list[str] = field(default_factory=list)

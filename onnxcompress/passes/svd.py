@@ -10,9 +10,10 @@ through rank r with the singular values split as Σ^½ on each side (balanced fa
   e.g. a transformer's (B, L, D)) or Wm @ X (Wm out×in, X (..., in, n)). A bias Add after the MatMul is
   left in place.
 
-Rank policy: `ranks(info) -> r | (r,) | str` (the planner's plan for this method). Data-aware mode: `sigma_provider`
-(data_aware.SVDStatistics) gives the input second moment Σ = E[x xᵀ] of a layer, and the pass uses the
-whitened SVD (SVD-LLM), optimal in the output error under Σ. Nodes created by factorization passes
+Rank policy: `ranks(info) -> r | (r,) | str` (the planner's plan for this method). An optional `sigma_provider`
+hook gives the input second moment Σ = E[x xᵀ] of a layer, and the pass then uses the whitened SVD (SVD-LLM),
+optimal in the output error under Σ (the pipeline's --data-aware runs this pass plain and revisits the chains
+in passes/data_aware.py). Nodes created by factorization passes
 (names with /t2_, /cp_, /svd_) are not touched and not recorded."""
 from __future__ import annotations
 
@@ -185,11 +186,7 @@ def _replace(g: gs.Graph, node: gs.Node, info: LinearInfo, A: np.ndarray, B: np.
 
 
 def build(policy, w: Wiring) -> SVDPass:
-    sigma = None
-    if w.data_aware is not None:
-        from .data_aware import SVDStatistics
-        sigma = SVDStatistics(w.data_aware)
-    return SVDPass(policy, w.shapes, sigma_provider=sigma)
+    return SVDPass(policy, w.shapes)
 
 
 METHOD = Method("svd", COST, build)

@@ -106,8 +106,9 @@ def tucker2_chain_weights(res, info: ConvInfo) -> list[tuple[str, dict, np.ndarr
 
 class Tucker2Pass(Pass):
     """`ranks(info)` gives (r3, r4) or the reason to leave a layer alone (the planner's plan for this method).
-    `factorizer` (data-aware, passes/data_aware.SigmaTucker2): `prepare(model, infos)` captures statistics for
-    the layers to rewrite; `factorizer(info, r3, r4)` returns factors or None for plain HOOI. `factor_cache`:
+    `factorizer` (an optional hook; the pipeline's --data-aware runs this pass plain and revisits the chains in
+    passes/data_aware.py): `prepare(model, infos)` may capture statistics for the layers to rewrite;
+    `factorizer(info, r3, r4)` returns factors or None for plain HOOI. `factor_cache`:
     `cache(method, kernel, params, compute)` memoizes factorizations (the sensitivity sweeps)."""
     name = "Tucker2"
 
@@ -176,11 +177,7 @@ class Tucker2Pass(Pass):
 
 
 def build(policy, w: Wiring) -> Tucker2Pass:
-    factorizer = None
-    if w.data_aware is not None:
-        from .data_aware import SigmaTucker2
-        factorizer = SigmaTucker2(w.data_aware)
-    return Tucker2Pass(policy, w.shapes, max_memory_mb=w.recipe.max_memory_mb, factorizer=factorizer,
+    return Tucker2Pass(policy, w.shapes, max_memory_mb=w.recipe.max_memory_mb,
                        factor_cache=w.factor_cache)
 
 

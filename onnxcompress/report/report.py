@@ -60,6 +60,19 @@ def nothing_changed(passes: list[PassRecord], layers: list[dict[str, Any]]) -> s
             + (f", skipped as {reasons}" if reasons else "") + ")")
 
 
+def data_aware_line(da: dict) -> str:
+    """`data-aware: 30 of 34 layers keep data-aware factors, 4 fell back to plain (a, b, …); held-out network SQNR
+    -2.25 -> 11.37 dB`"""
+    layers = da.get("layers", [])
+    fell = [o["name"] for o in layers if o["fell_back"]]
+    s = f"data-aware: {len(layers) - len(fell)} of {len(layers)} layers keep data-aware factors"
+    if fell:
+        s += f", {len(fell)} fell back to plain ({', '.join(fell[:5])}{', …' if len(fell) > 5 else ''})"
+    if da.get("net_db_plain") is not None:
+        s += f"; held-out network SQNR {da['net_db_plain']:.2f} -> {da['net_db_final']:.2f} dB"
+    return s
+
+
 def _n(x) -> str:
     if x is None:
         return "-"
@@ -93,8 +106,7 @@ def wrap_table(rows: list[tuple], max_width: int = 60) -> list[str]:
     return lines
 
 
-def render_table(r: Report, max_layers: int = 200) -> str:
-    lines = []
+def _layer_rows(r: Report, max_layers: int) -> list[tuple]:
     rows = [("layer", "kernel", "method", "ranks", "precision", "params", "rel.err", "note")]
     for l in r.layers[:max_layers]:
         kernel = "x".join(str(k) for k in (l.get("kernel_shape") or [])) or "-"
@@ -103,8 +115,16 @@ def render_table(r: Report, max_layers: int = 200) -> str:
         params = f"{_n(pb)} -> {_n(pa)}" if l.get("skipped") is None else _n(pb)
         err = l.get("weight_rel_error")
         method = l.get("method", "") if l.get("skipped") is None else "-"
+        note = l.get("skipped") or ("data-aware fell back to the plain factors"
+                                    if (l.get("extra") or {}).get("fell_back") else "")
         rows.append((l["name"], kernel, method, ranks, l.get("precision") or "-", params,
-                     "-" if err is None else f"{err:.3f}", l.get("skipped") or ""))
+                     "-" if err is None else f"{err:.3f}", note))
+    return rows
+
+
+def render_table(r: Report, max_layers: int = 200) -> str:
+    lines = []
+    rows = _layer_rows(r, max_layers)
     if len(rows) > 1:
         lines += wrap_table(rows)
         if len(r.layers) > max_layers:
@@ -123,6 +143,8 @@ def render_table(r: Report, max_layers: int = 200) -> str:
                  f"({_ratio(m.get('macs_before'), m.get('macs_after'))} fewer)")
     lines.append(f"file    {_n(m.get('bytes_before'))}B -> {_n(m.get('bytes_after'))}B "
                  f"({_ratio(m.get('bytes_before'), m.get('bytes_after'))} smaller)")
+    if (m.get("data_aware") or {}).get("layers"):
+        lines.append(data_aware_line(m["data_aware"]))
     q = r.quantization
     if q.get("int8"):
         i8 = q["int8"]
