@@ -39,9 +39,9 @@ from onnxcompress.passes import manager
 base = rss_mb()
 with RSSSampler(0.01, float(os.environ.get("ONNXCOMPRESS_RSS_LIMIT_MB") or 0) or None) as s:
     def progress(msg):
-        for key in ("pass ", "INT8", "latency guard", "fidelity", "latency of", "auto:"):
+        for key in ("pass ", "INT8", "latency guard", "fidelity", "latency of", "latency against", "auto:"):
             if msg.startswith(key):
-                name = msg if key == "pass " else key if key in ("latency guard", "auto:") else \
+                name = msg if key == "pass " else key if key in ("latency guard", "auto:", "latency against") else \
                     msg.split("(")[0].strip()[:40]
                 if name != s.current:
                     s.stage(name)
@@ -106,13 +106,13 @@ def model_mb(src: Path) -> float:
     return size / 2**20
 
 
-def run_child(root: Path, src: Path, method: str, ratio: float, samples: str) -> dict:
+def run_child(root: Path, src: Path, method: str, ratio: float, samples: str, extra_env: dict | None = None) -> dict:
     code = CHILD.format(bench=str(HERE))
     import tempfile
 
     out = Path(tempfile.mkdtemp(prefix="profile-tool-")) / "out.onnx"
     cmd = ["/usr/bin/time", "-v", sys.executable, "-c", code, str(src), method, str(ratio), samples, str(out)]
-    env = {**os.environ, "PYTHONPATH": str(root)}
+    env = {**os.environ, "PYTHONPATH": str(root), **(extra_env or {})}
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(out.parent))   # not a checkout
     wall = time.perf_counter() - t0
@@ -146,6 +146,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkouts", default=f"after={HERE.parent}",
                     help="label=DIR,...: package checkouts to compare (DIR holds onnxcompress/)")
+    ap.add_argument("--env", action="append", default=[],
+                    help="label:NAME=VALUE: an environment variable for that checkout's child (repeatable)")
     ap.add_argument("--model", default="resnet50")
     ap.add_argument("--src", help="an ONNX file instead of --model")
     ap.add_argument("--method", default="tucker2")
@@ -157,19 +159,23 @@ def main() -> int:
     src = Path(args.src) if args.src else export(args.model)
     size = model_mb(src)
     roots = {k: Path(v).resolve() for k, v in (c.split("=", 1) for c in args.checkouts.split(","))}
+    envs: dict[str, dict] = {}
+    for e in args.env:
+        label, kv = e.split(":", 1)
+        envs.setdefault(label, {})[kv.split("=", 1)[0]] = kv.split("=", 1)[1]
     print(f"model {src.name}: {size:.1f} MB; optimize --method {args.method} --ratio {args.ratio:g} --quantize int8 "
           f"--calibration random{'' if args.samples == 'default' else ' --calibration-samples ' + args.samples}; "
           f"load average {os.getloadavg()[0]:.1f}")
     runs: dict[str, list[dict]] = {k: [] for k in roots}
     for k in range(args.repeat):
         for label, root in roots.items():
-            runs[label].append(run_child(root, src, args.method, args.ratio, args.samples))
+            runs[label].append(run_child(root, src, args.method, args.ratio, args.samples, envs.get(label)))
             x = runs[label][-1]
             print(f"  run {k + 1}/{args.repeat} {label}: {x['total_s']:.1f} s, peak {x['peak_mb']:.0f} MB "
                   f"(load {os.getloadavg()[0]:.1f})", flush=True)
     results = {label: summarize(rs) for label, rs in runs.items()}
     for label, r in results.items():
-        print(f"\n[{label}] {roots[label]}: optimize {r['total_s']:.1f} s (runs: "
+        print(f"\n[{label}] {roots[label]} {envs.get(label) or ''}: optimize {r['total_s']:.1f} s (runs: "
               f"{', '.join(f'{t:.1f}' for t in r['total_s_all'])}), peak RSS {r['peak_mb']:.0f} MB (runs: "
               f"{', '.join(f'{m:.0f}' for m in r['peak_mb_all'])}) = {r['peak_mb'] / size:.2f}x the model "
               f"(after imports {r['base_mb']:.0f} MB); SQNR {r['fidelity']['sqnr_db']}, "

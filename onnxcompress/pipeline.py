@@ -344,6 +344,7 @@ class Run:
         self.note("fidelity on ORT CPU")
         fid = self.fidelity(original, out)
         report.fidelity = {**fid.to_dict(), "synthetic_inputs": self.synthetic}
+        self.note(f"latency against the input on ORT {r.providers[0]}")
         lat = self.whole_latency(original, out)
         report.latency = {**(report.latency or {}), **lat}
         if r.min_speedup is not None and built is not None:

@@ -304,6 +304,11 @@ class LazyLinearInfo(LinearInfo):
     def S(self) -> int:
         return int(self._W.shape[1]) if self._W is not None else self._shape[1]
 
+    @property
+    def macs(self) -> int | None:
+        p = self.positions
+        return None if p is None else p * self.T * self.S
+
 
 def _attr_int(node: gs.Node, key: str, default: int) -> int:
     return int(node.attrs.get(key, default))

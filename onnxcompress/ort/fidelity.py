@@ -139,7 +139,7 @@ def fidelity_sequential(reference, candidate, batches_factory, provider: str = "
     the candidate runs over `batches_factory()` again. Sessions are lean (evaluation, not timing: no weight
     pre-packing, no arena; measured as fast here). Once the kept outputs pass `max_kept_mb`, the remaining
     batches are compared with both sessions alive. Same metrics, same order, as :func:`fidelity`."""
-    import gc
+    from .session import release_memory
 
     ref = make_session(reference, provider, lean=True)
     names = [i.name for i in ref.get_inputs()]
@@ -153,11 +153,14 @@ def fidelity_sequential(reference, candidate, batches_factory, provider: str = "
             break
     if not overflow:
         del ref
-        gc.collect()
+        release_memory()
     new = make_session(candidate, provider, lean=True)
     acc = FidelityAccumulator()
     for i, (inputs, labels) in enumerate(batches_factory()):
         feeds = feeds_for(inputs, names)
         a = kept[i] if i < len(kept) else ref.run(None, feeds)[output_index]
         acc.update(a, new.run(None, feeds)[output_index], labels)
+    del new
+    ref = None
+    release_memory()
     return acc.result(provider, data)

@@ -47,6 +47,22 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, provider: str = "cp
     why = provider_status(provider)
     if why:
         raise ProviderUnavailable(why)
+    so = session_options(threads, optimize, lean)
+    providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
+    if isinstance(model, (str, os.PathLike)):
+        return ort.InferenceSession(os.fspath(model), so, providers=providers)
+    if _proto_bytes(model) <= FILE_SESSION_BYTES:
+        return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
+    from ..ir.modelio import write_external
+
+    with tempfile.TemporaryDirectory(prefix="onnxcompress-s-") as td:   # the weights are mapped or read by now
+        return ort.InferenceSession(str(write_external(model, Path(td) / "m.onnx")), so, providers=providers)
+
+
+def session_options(threads: int | None = None, optimize: bool = True, lean: bool = False):
+    """The SessionOptions of :func:`make_session`."""
+    import onnxruntime as ort
+
     so = ort.SessionOptions()
     so.log_severity_level = 4
     if threads:
@@ -60,15 +76,7 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, provider: str = "cp
         so.enable_cpu_mem_arena = False
         so.enable_mem_pattern = False
         so.add_session_config_entry("session.disable_prepacking", "1")
-    providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
-    if isinstance(model, (str, os.PathLike)):
-        return ort.InferenceSession(os.fspath(model), so, providers=providers)
-    if _proto_bytes(model) <= FILE_SESSION_BYTES:
-        return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
-    from ..ir.modelio import write_external
-
-    with tempfile.TemporaryDirectory(prefix="onnxcompress-s-") as td:   # the weights are mapped or read by now
-        return ort.InferenceSession(str(write_external(model, Path(td) / "m.onnx")), so, providers=providers)
+    return so
 
 
 def _proto_bytes(model: onnx.ModelProto) -> int:
@@ -76,6 +84,19 @@ def _proto_bytes(model: onnx.ModelProto) -> int:
         return model.ByteSize()
     except Exception:   # noqa: BLE001 - over 2 GB protobuf cannot even size it
         return 2**31
+
+
+def release_memory() -> None:
+    """Give freed heap back to the OS after dropping a large object (an ORT session, a model copy): glibc
+    keeps it otherwise, and peak RSS then grows with every stage."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def random_feeds(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], seed: int = 0,

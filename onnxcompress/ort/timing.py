@@ -137,11 +137,12 @@ def _load(m) -> tuple[str, onnx.ModelProto | str]:
 def bench(models: Sequence, providers: Sequence[str] = ("cpu",), threads: int | None = 1, warmup: int = 5,
           runs: int = 20, input_shape: dict[str, Sequence[int]] | None = None,
           names: Sequence[str] | None = None, seed: int = 0, clock: Clock = time.perf_counter,
-          optimize: bool = True) -> BenchReport:
+          optimize: bool = True, cache: dict | None = None) -> BenchReport:
     """Median / p90 latency of each model (paths or ModelProtos) on each provider, interleaved.
 
     All models get the same random feeds when their inputs agree (shapes from the first model, dynamic
-    batch = 1 unless `input_shape` pins it). `threads`: ORT intra-op threads (None = ORT's default)."""
+    batch = 1 unless `input_shape` pins it). `threads`: ORT intra-op threads (None = ORT's default).
+    `cache`: a dict kept by the caller across calls with the same models: their sessions are made once."""
     if not models:
         raise ValueError("bench needs at least one model")
     loaded = [_load(m) for m in models]
@@ -173,7 +174,12 @@ def bench(models: Sequence, providers: Sequence[str] = ("cpu",), threads: int | 
         for label, (_, m) in zip(labels, loaded):
             t = ModelTiming(name=label)
             try:
-                s = make_session(m, prov, threads=threads, optimize=optimize)
+                key = (prov, labels.index(label), threads, optimize) if cache is not None else None
+                s = cache.get(key) if key is not None else None
+                if s is None:
+                    s = make_session(m, prov, threads=threads, optimize=optimize)
+                    if key is not None:
+                        cache[key] = s
                 if fell_back(s, prov):
                     s = None
                     t.error = (f"the {prov} session fell back to CPUExecutionProvider (its provider library "
@@ -311,8 +317,9 @@ def compare_latency(original, candidate, provider: str = "cpu", input_shape=None
     """Median latency of `original` and `candidate`, interleaved in one process, enough runs for about
     `target_seconds`; `slower` only when the candidate is over SLOWER_MARGIN x the original in two
     measurements (a borderline first verdict is measured again)."""
+    made: dict = {}   # the two sessions serve every measurement below
     rep = bench([original, candidate], [provider], threads=threads, warmup=2, runs=3, input_shape=input_shape,
-                names=["input", "result"], seed=seed)
+                names=["input", "result"], seed=seed, cache=made)
     pb = rep.providers[0]
     if pb.skipped or any(m.error for m in pb.models):
         return {"provider": provider, "skipped": pb.skipped or next(m.error for m in pb.models if m.error)}
@@ -321,7 +328,7 @@ def compare_latency(original, candidate, provider: str = "cpu", input_shape=None
     verdicts = []
     for _ in range(2):
         rep = bench([original, candidate], [provider], threads=threads, warmup=2, runs=runs,
-                    input_shape=input_shape, names=["input", "result"], seed=seed)
+                    input_shape=input_shape, names=["input", "result"], seed=seed, cache=made)
         a, b = rep.providers[0].models
         verdicts.append((a.median_ms, b.median_ms))
         if b.median_ms <= a.median_ms * SLOWER_MARGIN or b.median_ms > a.median_ms * 1.25:
