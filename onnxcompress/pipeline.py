@@ -292,6 +292,11 @@ class Run:
         for w in wiring.warnings:
             if w not in report.warnings:
                 report.warnings.append(w)
+        if out:   # linear neighbours of the chains merged (lossless) before quantization
+            from .ir.names import exact_globs
+
+            keep = [k for k, o in r.layers.items() if o.precision == "float"] + exact_globs(float_layers)
+            out += [f(self.shapes, keep) for f in registry.FUSION]
         if quant == "int8":
             out.append(self.int8_pass(self.model, list(float_layers)))
         elif quant == "fp16":
