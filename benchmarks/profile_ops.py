@@ -42,6 +42,7 @@ from onnxcompress.ort.session import make_session  # noqa: E402
 from onnxcompress.ort.timing import (executed_layer, factor_of, model_feeds, node_macs, profile_nodes,  # noqa: E402
                                      time_interleaved)
 
+FACTORS = ("t2_in", "t2_core", "t2_out", "svd_in", "svd_out", "concat", "cp_in", "cp_out")
 COMMON = dict(calibration="random", calibration_samples=8, eval_samples=4, verify=False)
 VARIANTS = {"default": {}, "m8": {"rank_multiple": 8}, "m16": {"rank_multiple": 16}, "nofuse": {"_nofuse": True},
             "noguard": {"latency_guard": False}}
@@ -113,6 +114,7 @@ def chain_table(label, pr, base, layers, m0, per_layer_macs, macs) -> dict:
     """Per decomposed layer: INT8 conv vs its INT8 chain; the Amdahl bound."""
     conv_us, ch_us, ch_n, ch_macs = (collections.defaultdict(float), collections.defaultdict(float),
                                      collections.Counter(), collections.defaultdict(int))
+    factored = set()    # layers with a factor node (a merged node keeps the first factor's name: its layer)
     for n, us in base.node_min_us.items():
         L = executed_layer(n, layers)
         if L:
@@ -122,6 +124,8 @@ def chain_table(label, pr, base, layers, m0, per_layer_macs, macs) -> dict:
         if L:
             ch_us[L] += us
             ch_n[L] += 1
+            if factor_of(n) in FACTORS:
+                factored.add(L)
     for n, m in per_layer_macs.items():
         L = executed_layer(n, layers)
         if L:
@@ -133,16 +137,16 @@ def chain_table(label, pr, base, layers, m0, per_layer_macs, macs) -> dict:
         mr, sp = m0[L] / max(ch_macs[L], 1), conv_us[L] / ch_us[L]
         rows.append({"layer": L, "conv_us": conv_us[L], "chain_us": ch_us[L], "nodes": ch_n[L], "mac_reduction": mr,
                      "speedup": sp, "efficiency": sp / mr})
-        if ch_n[L] > 1:
+        if L in factored:
             print(f"  {L[:46]:46s} {conv_us[L]:8.0f} {ch_us[L]:8.0f} {ch_n[L]:5d} {mr:6.2f} {sp:7.2f}x {sp / mr:5.2f}")
-    dec = [r for r in rows if r["nodes"] > 1]
+    dec = [r for r in rows if r["layer"] in factored]
     tc, tch = sum(r["conv_us"] for r in dec), sum(r["chain_us"] for r in dec)
     mc, mch = sum(m0[r["layer"]] for r in dec), sum(ch_macs[r["layer"]] for r in dec)
     kinds = collections.defaultdict(lambda: [0.0, 0])
     for n, us in pr.node_min_us.items():
         if pr.node_op[n] == "QLinearConv" and executed_layer(n, layers):
             k = factor_of(n)
-            k = k if k in ("t2_in", "t2_core", "t2_out", "svd_in", "svd_out") else "unfactored conv"
+            k = k if k in FACTORS else "unfactored conv"
             kinds[k][0] += us
             kinds[k][1] += 1
     t_int8 = base.kernel_us()
@@ -210,7 +214,7 @@ def main() -> int:
         src = str(cached_export(args.model, weights="none"))
     cache = Path(args.cache or tempfile.mkdtemp(prefix="onnxcompress-prof-"))
     cache.mkdir(parents=True, exist_ok=True)
-    tag = f"{args.method[:2].upper()} {args.ratio:g}x+INT8"
+    tag = f"{ {'tucker2': 'T2', 'svd': 'SVD'}.get(args.method, args.method.upper())} {args.ratio:g}x+INT8"
     wanted = {"INT8": {"method": "none", "quantize": "int8"}}
     for v in args.variants.split(","):
         wanted[tag + ("" if v == "default" else f" +{v}")] = {"method": args.method, "ratio": args.ratio,

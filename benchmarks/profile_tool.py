@@ -66,8 +66,9 @@ with RSSSampler(0.01, float(os.environ.get("ONNXCOMPRESS_RSS_LIMIT_MB") or 0) or
         return got["res"]
     pipeline.optimize = keep
     from onnxcompress.cli.main import main
-    argv = ["optimize", src, "--method", method, "--ratio", str(ratio), "--quantize", "int8", "--calibration",
-            "random", "-o", out_path, "--quiet"] + ([] if samples == "default" else ["--calibration-samples", samples])
+    argv = ["optimize", src, "--method", method] + (["--ratio", str(ratio)] if method != "none" else []) + [
+            "--quantize", "int8", "--calibration", "random", "-o", out_path, "--quiet"] + (
+            [] if samples == "default" else ["--calibration-samples", samples])
     s.stage("load + clean-up")
     t0 = time.perf_counter()
     rc = main(argv)

@@ -169,23 +169,12 @@ def save_model_atomic(model: onnx.ModelProto, out: str | os.PathLike, external: 
     os.close(fd)
     tmp_data = None
     try:
-        if big:
-            m = onnx.ModelProto()
-            m.CopyFrom(model)  # onnx.save_model rewrites tensors to external references in place
-            model = m
+        if big:   # tensor by tensor into a temp data file (no copy of the model), renamed into place
             data_name = o.name + ".data"
             fd_data, tmp_data = create_temp(parent, data_name)   # onnx would create it 0600
             os.close(fd_data)
             tmp_data = Path(tmp_data)
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=tmp_data.name, size_threshold=1024)
-            # the proto names the temp data file; rewrite the location to the final one
-            m2 = onnx.load(tmp, load_external_data=False)
-            for t in _all_tensors(m2):
-                for e in t.external_data:
-                    if e.key == "location":
-                        e.value = data_name
-            onnx.save_model(m2, tmp)
+            write_external(model, tmp, data_name=data_name, data_path=tmp_data)
             os.replace(tmp_data, parent / data_name)
             tmp_data = None
         else:
@@ -271,17 +260,18 @@ def _raw_bytes(t: onnx.TensorProto) -> bytes:
 
 
 def write_external(model: onnx.ModelProto, path: str | os.PathLike, data_name: str | None = None,
-                   min_bytes: int = 1024) -> Path:
+                   min_bytes: int = 1024, data_path: str | os.PathLike | None = None) -> Path:
     """`model` written as a graph file at `path` plus one external data file beside it (`data_name`, default
     `<name>.data`) holding every initializer of at least `min_bytes` at page-aligned offsets (ORT then maps
     them). Tensor by tensor: no serialised copy of the whole model is made, any size works (> 2 GB), and
     `model` is not modified (onnx.save_model(save_as_external_data=True) clears the caller's raw_data).
-    Tensors already external (a model loaded without its weights) are refused."""
+    Tensors already external (a model loaded without its weights) are refused. `data_path`: write the data
+    there instead (e.g. a temp file renamed to `data_name` later); the graph still names `data_name`."""
     path = Path(path)
     data_name = data_name or path.name + ".data"
     m = weightless_copy(model)
     off = 0
-    with open(path.parent / data_name, "wb") as f:
+    with open(data_path or (path.parent / data_name), "wb") as f:
         for t, nt in zip(model.graph.initializer, m.graph.initializer):
             if t.data_location == onnx.TensorProto.EXTERNAL:
                 raise ValueError(f"initializer {t.name!r} is external data not loaded into memory")

@@ -367,8 +367,9 @@ def align(c: CostModel, info, ranks: Ranks, multiple: int, target: str = "params
           asked_ratio: float | None = None) -> tuple[Ranks | None, str | None]:
     """The aligned ranks closest in cost to `ranks` (each rank the multiple just below or above), that still
     shrink the layer and stay within MAX_ALIGN_OVERSHOOT x the asked ratio (else of the planned one); when none
-    fits and `multiple` has a `fallback` (a Multiple), the same with the fallback multiple; (None, why) when no
-    option fits."""
+    fits (or only ranks no multiple reaches below their limit, which aligned_options keeps as they are) and
+    `multiple` has a `fallback` (a Multiple), the result for the fallback multiple; (None, why) when no option
+    fits."""
     tgt = target if c.cost_known(info, target) else "params"
     goal = c.cost(info, ranks, tgt)
     c0 = c.cost(info, None, tgt)
@@ -376,7 +377,7 @@ def align(c: CostModel, info, ranks: Ranks, multiple: int, target: str = "params
     opts = c.aligned_options(info, ranks, int(multiple))
     pick = closest_by_cost(c, info, opts, goal, tgt, ok=lambda rr: floor <= c.cost(info, rr, tgt) < c0)
     fallback = getattr(multiple, "fallback", None)
-    if pick is None and fallback:
+    if fallback and (pick is None or any(r % int(multiple) for r in pick)):   # none fits, or only unaligned ones
         return align(c, info, ranks, Multiple(fallback), target, asked_ratio)
     if pick is None:
         return None, _misaligned(c, info, ranks, opts, int(multiple), tgt, c0, goal, asked_ratio)
