@@ -293,3 +293,37 @@ def test_bench_cache_makes_each_session_once(monkeypatch):
     for _ in range(2):
         timing.bench([_small_cnn(0), _small_cnn(1)], ["cpu"], warmup=0, runs=1, cache=cache)
     assert len(made) == 2
+
+
+def test_lossless_check_reads_the_input_back_from_its_file(tmp_path):
+    """A lossless pass's input is released before verification when a file holds it; the noise-floor check
+    loads it back only when the outputs differ — and still catches a wrong "lossless" rewrite."""
+    from conftest import conv_model
+
+    from onnxcompress.errors import VerificationError
+    from onnxcompress.ir.modelio import write_external
+    from onnxcompress.passes.base import Pass, PassResult
+    from onnxcompress.passes.fold_bn import FoldBatchNorm
+    from onnxcompress.passes.manager import PassManager
+
+    m = conv_model(bn=True)
+    f = str(write_external(m, tmp_path / "in.onnx"))
+    shapes = {"x": tuple(d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim)}
+    pm = PassManager(shapes)
+    pm.run(m, [FoldBatchNorm()], input_file=f)
+    nf = pm.records[0].verified["noise_floor"]
+    assert "skipped" not in nf and nf["equivalent"] is True and nf["tensors_compared"] >= 1
+
+    class Wrong(Pass):
+        name = "wrong"
+        lossless = True
+
+        def run(self, model, ctx=None):
+            out = onnx.ModelProto()
+            out.CopyFrom(model)
+            w = out.graph.initializer[0]
+            w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * np.float32(1.001), w.name))
+            return PassResult(model=out, modified=True, lossless=True)
+
+    with pytest.raises(VerificationError, match="lossless"):
+        PassManager(shapes).run(m, [Wrong()], input_file=f)

@@ -449,9 +449,15 @@ def collect_layers(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | 
 
 
 def detach_weights(infos) -> None:
-    """Let lazy infos forget where their weights are (their shapes, params and MACs stay): the model they were
-    read from can then be freed. Eager infos are left as they are."""
+    """Let the infos forget their weights (shapes, params and MACs stay): lazy ones where to read them, eager
+    Gemm/MatMul ones the (out, in) array they hold (a VGG-16's classifier: 480 MB), so that the model they were
+    read from, and their copies, can be freed. `weight` / `W` are None afterwards."""
     for i in infos:
+        if type(i) is LinearInfo and i.W is not None:   # eager: becomes a LazyLinearInfo with nothing to read
+            shape = (i.T, i.S)
+            i.__class__ = LazyLinearInfo
+            i._source, i._shape, i._W = None, shape, None
+            i.__dict__.pop("W", None)
         for obj in (i, getattr(i, "conv", None)):
             if obj is None:
                 continue

@@ -322,6 +322,18 @@ class ModelFiles:
         self.key, self._model = key, model
         return self.path
 
+    def holds(self, model: onnx.ModelProto) -> Path | None:
+        """The file of `model` when it is the one written last (None otherwise)."""
+        ok = self._model is model and self.path is not None and self.path.exists()
+        return self.path if ok else None
+
+    def take(self) -> tuple[str | None, Path | None]:
+        """Hand the current file over to the caller: (its folder, its path); the caller removes the folder. The
+        next `file_for` then writes a new file instead of replacing this one."""
+        out = (self.dir, self.path)
+        self.key = self.dir = self.path = self._model = None
+        return out
+
     def forget_model(self) -> None:
         """Keep the file, drop the reference to the ModelProto (its memory can go; the file stays valid)."""
         self._model = None

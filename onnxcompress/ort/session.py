@@ -32,7 +32,7 @@ def provider_status(provider: str) -> str | None:
 
 #: ModelProtos above this size reach ORT as a graph file + page-aligned external data (ORT maps the weights)
 #: instead of a serialised copy (bytes in Python + ORT's own copy); over 2 GB there is no other way
-FILE_SESSION_BYTES = 32 * 2**20
+FILE_SESSION_BYTES = 8 * 2**20
 
 
 def make_session(model: onnx.ModelProto | str | os.PathLike, provider: str = "cpu", threads: int | None = None,
