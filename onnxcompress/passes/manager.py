@@ -152,7 +152,8 @@ class PassManager:
             if isinstance(prev_model, str):   # kept as its file: loaded only when the outputs are not identical
                 same = all(np.array_equal(a, b, equal_nan=True) for a, b in zip(prev, out))
                 prev_model = onnx.load(prev_model) if not same else res.model
-            rec, bad = check_lossless(prev_model, res.model, self._feeds, prev, out, self.rtol, self.seed)
+            rec, bad = check_lossless(prev_model, res.model, self._feeds, prev, out, self.rtol, self.seed,
+                                      new_file=path)
             ver.update(rec)
             if bad:
                 where = layer or (", ".join(changed[:5]) + (" ..." if len(changed) > 5 else ""))
