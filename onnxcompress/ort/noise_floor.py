@@ -198,7 +198,7 @@ def overridable(model: onnx.ModelProto, detach: bool = False, values_from: onnx.
     for t in g.initializer:
         if t.data_type not in _FLOAT or t.name in structural or t.name in inputs:
             continue
-        if t.data_location == TensorProto.EXTERNAL:
+        if src_of.get(t.name, t).data_location == TensorProto.EXTERNAL:
             continue
         params[t.name] = numpy_helper.to_array(src_of.get(t.name, t))
         g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
@@ -211,8 +211,9 @@ def overridable(model: onnx.ModelProto, detach: bool = False, values_from: onnx.
     return m, params
 
 
-def perturb(arrays: dict, rng: np.random.Generator, ulps: float = 1.0) -> dict:
-    """Each float array multiplied by ``1 + u``, u uniform in ±`ulps` ulp of its type; others unchanged."""
+def perturb(arrays: dict, rng: np.random.Generator, ulps: float = 1.0, inplace: bool = False) -> dict:
+    """Each float array multiplied by ``1 + u``, u uniform in ±`ulps` ulp of its type; others unchanged.
+    `inplace`: the arrays themselves are multiplied (the same values, no second copy of them)."""
     out = {}
     for k, v in arrays.items():
         v = np.asarray(v)
@@ -220,7 +221,12 @@ def perturb(arrays: dict, rng: np.random.Generator, ulps: float = 1.0) -> dict:
             dt = v.dtype.type
             u = rng.random(v.shape, dtype=np.float64 if dt is np.float64 else np.float32).astype(dt, copy=False)
             u = (u * dt(2 * ulps) - dt(ulps)) * dt(_EPS[dt])
-            v = np.asarray(v * (dt(1) + u), dtype=dt)   # 0-d stays an array
+            u += dt(1)
+            if inplace and v.ndim and v.flags.writeable:
+                v *= u
+            else:
+                v = np.asarray(v * u, dtype=dt)   # 0-d stays an array
+            del u
         out[k] = v
     return out
 
@@ -268,9 +274,15 @@ def lossless_verdict(prev: onnx.ModelProto, new: onnx.ModelProto, feeds: dict, *
     # the previous model's graph holds no weights: its parameters are fed (one copy of them, plus a perturbed
     # one per run); the new model runs from `new_file` when given (a graph-only copy beside its data file)
     p, params = overridable(with_outputs(weightless_copy(prev), inner, types), detach=True, values_from=prev)
+    src = {t.name: t for t in prev.graph.initializer if t.name in params}
+    fixed = {k: v for k, v in params.items() if k not in src}    # from Constant nodes: small, kept
+
+    def values() -> dict:   # the parameters read afresh for each run (perturbed in place: one copy at a time)
+        return {k: (numpy_helper.to_array(src[k]) if k in src else fixed[k].copy()) for k in params}
+    params = {k: None for k in params}
     order_p = [o.name for o in p.graph.output]
     run_p = session(p)
-    y0 = dict(zip(order_p, run_p({**feeds, **params})))
+    y0 = dict(zip(order_p, run_p({**feeds, **values()})))
     if new_file is not None:
         yn = _run_from_file(new_file, inner, types, feeds)
     else:
@@ -280,7 +292,7 @@ def lossless_verdict(prev: onnx.ModelProto, new: onnx.ModelProto, feeds: dict, *
     rng = np.random.default_rng(seed)
     sq = {n: 0.0 for n in names}
     for _ in range(max(samples, 1)):
-        yk = dict(zip(order_p, run_p({**perturb(feeds, rng, ulps), **perturb(params, rng, ulps)})))
+        yk = dict(zip(order_p, run_p({**perturb(feeds, rng, ulps), **perturb(values(), rng, ulps, inplace=True)})))
         for n in names:
             a = np.asarray(y0[n])
             if a.dtype.type in _EPS:
