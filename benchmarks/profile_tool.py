@@ -12,7 +12,8 @@ the other's peak), checkouts alternating `--repeat` times on the same model file
 thread reads VmRSS every 10 ms and attributes it to the current stage (from the pipeline's progress lines:
 each pass, its verification, the INT8 sub-stages, the latency guard, fidelity, latency); the process peak is
 the kernel's VmHWM (reset after the imports, which are not the tool's working memory: they are reported
-apart). A "before" checkout is any directory holding an `onnxcompress` package, e.g.
+apart). Each child gets an empty latency-guard timing cache (ONNXCOMPRESS_LATENCY_CACHE), so every run times its
+layers. A "before" checkout is any directory holding an `onnxcompress` package, e.g.
 `git archive <commit> | tar -x -C DIR`. Ratios (time, peak) are between checkouts of the same run.
 """
 from __future__ import annotations
@@ -113,7 +114,9 @@ def run_child(root: Path, src: Path, method: str, ratio: float, samples: str, ex
 
     out = Path(tempfile.mkdtemp(prefix="profile-tool-")) / "out.onnx"
     cmd = ["/usr/bin/time", "-v", sys.executable, "-c", code, str(src), method, str(ratio), samples, str(out)]
-    env = {**os.environ, "PYTHONPATH": str(root), **(extra_env or {})}
+    # a fresh latency-guard timing cache per child: no checkout reuses timings another measured
+    env = {**os.environ, "PYTHONPATH": str(root), "ONNXCOMPRESS_LATENCY_CACHE": str(out.parent / "latency"),
+           **(extra_env or {})}
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(out.parent))   # not a checkout
     wall = time.perf_counter() - t0
