@@ -139,6 +139,35 @@ def test_streamed_minmax_equals_ort_calibrator(tmp_path):
             assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b), k
 
 
+def test_streamed_minmax_equals_ort_calibrator_on_a_wide_gemm(tmp_path):
+    """A classifier-sized Gemm: MLAS packs its weight, and the packed kernel's output differs by an ulp from the
+    unpacked one — the ranges stay ORT's only with the same session settings (pre-packing on)."""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator
+
+    from onnxcompress.ir.modelio import write_external
+    from onnxcompress.ort.capture import default_calibration_ops, minmax_ranges
+    from onnxcompress.ort.quantize import pre_process
+
+    rng = np.random.default_rng(0)
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["r"]),
+                           helper.make_node("Gemm", ["r", "w", "b"], ["y"], name="fc", transB=1)], "fc",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2048])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1000])],
+                          [numpy_helper.from_array(rng.standard_normal((1000, 2048)).astype(np.float32) / 45, "w"),
+                           numpy_helper.from_array(rng.standard_normal(1000).astype(np.float32), "b")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
+    batches = [{"x": np.random.default_rng(i).standard_normal((1, 2048)).astype(np.float32) * 3} for i in range(6)]
+    pre = pre_process(write_external(m, tmp_path / "in.onnx"), tmp_path / "pre.onnx")
+    cal = create_calibrator(Path(pre), default_calibration_ops(), augmented_model_path=str(tmp_path / "aug.onnx"),
+                            calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True)
+    cal.collect_data(_Reader(batches))
+    ref, got = cal.compute_data(), minmax_ranges(pre, iter(batches))
+    assert set(ref.data) == set(got.data) and "y" in got.data
+    for k in ref.data:
+        assert all(np.array_equal(a, b) for a, b in zip(ref[k].range_value, got[k].range_value)), k
+
+
 def test_weight_scale_overrides_are_ort_per_channel_scales(tmp_path):
     from onnxruntime.quantization.quant_utils import compute_data_quant_params
 
