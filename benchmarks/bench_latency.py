@@ -6,17 +6,17 @@
 torchvision ResNet-50 with random weights (exported once into the onnxcompress cache; ``--quick``: ResNet-18)
 is optimized by ``onnxcompress.optimize`` into each variant (calibration on random inputs: timing does not
 depend on the weights' values), and all variants are then timed in one process by
-``onnxcompress.bench.bench`` (sessions built once, warm-up, interleaved round-robin runs). Printed per variant:
-median and p90 latency, speedup vs FP32, MACs vs FP32, how many layers the latency guard kept as the
-original conv, and how many Conv / Add nodes ORT actually runs as integer kernels (counted in the graph ORT
-executes, after its own fusions). ``--profile``: ORT's per-op time breakdown of the fastest variant.
+``onnxcompress.ort.timing.bench`` (sessions built once, no pool spinning between interleaved multi-thread sessions,
+warm-up, interleaved round-robin runs). Printed per variant: median and p90 latency, speedup vs FP32, MACs vs FP32,
+the fraction of the INT8 variants' ceiling (speedup / (MAC reduction x INT8-alone speedup), same run), how many
+layers the latency guard kept as the original conv, and how many Conv / Add nodes ORT actually runs as integer
+kernels (counted in the graph ORT executes, after its own fusions). ``--profile``: ORT's per-op time breakdown of
+the fastest variant (``ort.timing.profile_nodes``); per-layer chain profiles: ``benchmarks/profile_ops.py``.
 """
 from __future__ import annotations
 
 import argparse
-import collections
 import json
-import os
 import sys
 import tempfile
 import time
@@ -48,29 +48,10 @@ def variants(no_guard: bool) -> list[tuple[str, Recipe | None]]:
 
 
 def profile(path: str, threads: int, runs: int = 10) -> list[tuple[str, float, int]]:
-    import numpy as np
-    import onnxruntime as ort
+    from onnxcompress.ort.timing import profile_nodes
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = threads
-    so.enable_profiling = True
-    so.profile_file_prefix = str(Path(tempfile.gettempdir()) / "onnxcompress-prof")
-    s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    feeds = {i.name: np.random.default_rng(0).standard_normal([d if isinstance(d, int) else 1 for d in i.shape])
-             .astype(np.float32) for i in s.get_inputs()}
-    for _ in range(runs):
-        s.run(None, feeds)
-    f = s.end_profiling()
-    ev = json.load(open(f))
-    os.unlink(f)
-    agg, cnt = collections.defaultdict(float), collections.Counter()
-    for e in ev:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            op = e["args"].get("op_name")
-            agg[op] += e["dur"]
-            cnt[op] += 1
-    return [(op, t / runs / 1e3, cnt[op] // runs) for op, t in sorted(agg.items(), key=lambda kv: -kv[1])]
+    prof = profile_nodes(path, threads, runs=runs)
+    return [(op, us / 1e3, n) for op, (us, n) in prof.by_op("median").items()]
 
 
 def main() -> int:
@@ -128,21 +109,26 @@ def main() -> int:
     print()
     fmin = timings[0].min_ms
     hdr = (f"{'variant':26s} {'median ms':>9s} {'p90 ms':>8s} {'min ms':>7s} {'speedup':>8s} {'(min)':>6s} "
-           f"{'MACs':>7s} {'decomp':>6s} "
+           f"{'MACs':>7s} {'ceil.frac':>9s} {'decomp':>6s} "
            f"{'guard':>5s} {'int Conv':>9s} {'int Add':>8s}")
     print(hdr)
     print("-" * len(hdr))
+    int8_sp = next((t.speedup for r, t in zip(rows, timings) if r["variant"] == "INT8"), None)
     for r, t in zip(rows, timings):
         k = r["kernels"]
+        frac = (t.speedup / (macs0 / r["macs"] * int8_sp) if int8_sp and t.speedup and r["macs"]
+                and "INT8" in r["variant"] else None)
+        r["ceiling_fraction"] = frac
         r.update({"median_ms": t.median_ms, "p90_ms": t.p90_ms, "min_ms": t.min_ms, "speedup": t.speedup,
                   "speedup_min": fmin / t.min_ms, "macs_ratio": macs0 / r["macs"] if r["macs"] else None})
         nconv, nadd = k["conv_int"] + k["conv_float"], k["add_int"] + k["add_float"]
         print(f"{r['variant']:26s} {t.median_ms:9.2f} {t.p90_ms:8.2f} {t.min_ms:7.2f} {t.speedup:7.2f}x "
               f"{r['speedup_min']:5.2f}x "
-              f"{r['macs_ratio']:6.2f}x {r['decomposed']:6d} "
+              f"{r['macs_ratio']:6.2f}x {'-' if frac is None else f'{frac:.3f}':>9s} {r['decomposed']:6d} "
               f"{'-' if r['guard_kept_conv'] is None else r['guard_kept_conv']:>5} "
               f"{k['conv_int']:>4d}/{nconv:<4d} {k['add_int']:>3d}/{nadd:<4d}")
-    print("\nspeedup = median(FP32) / median(variant), (min): the same with the fastest runs; MACs = FP32 MACs / variant MACs; guard = layers the "
+    print("\nspeedup = median(FP32) / median(variant), (min): the same with the fastest runs; MACs = FP32 MACs / variant MACs; "
+          "ceil.frac = speedup / (MACs x INT8-alone speedup), same run; guard = layers the "
           "latency guard kept as the original conv; int Conv/Add = nodes ORT runs as integer kernels / all")
     prof = None
     if args.profile:

@@ -19,10 +19,10 @@ from .data import feeds_factory, inputs_for_model, open_for_model
 from .data.datasets import RandomDataset, split_holdout
 from .errors import UserError
 from .ir.counts import has_quantized_ops, model_bytes, model_macs, model_params
-from .ir.layers import collect_layers, layer_kernel, nested_compute_nodes
+from .ir.layers import collect_layers, detach_weights, layer_kernel, nested_compute_nodes
 from .ir.modelio import load_model
 from .ir.shapes import input_shapes
-from .ort.fidelity import Fidelity, fidelity
+from .ort.fidelity import Fidelity
 from .passes import registry
 from .passes.base import LayerRecord, Wiring
 from .passes.manager import PassManager
@@ -124,6 +124,8 @@ class Run:
         if not isinstance(model, onnx.ModelProto):
             raise UserError("model must be a path or an onnx.ModelProto")
         self.model = original = model
+        if r.method != "auto":   # the input held once: facts from a weightless copy, sessions from a file
+            self.model = original = self.release_original(model)
         self.shapes = input_shapes(model, {k: tuple(v) for k, v in r.input_shape.items()})
         if not self.shapes:
             raise UserError("model has no inputs")
@@ -140,26 +142,49 @@ class Run:
             self.data_aware_split(model)
         self.already_quantized = bool(q)
         quant = self.quantization_mode()
-        pm = PassManager(self.shapes, verify=r.verify, progress=self.progress, seed=r.seed)
-        clean = pm.run(model, [p() for p in registry.CLEANUP] if r.fold_bn else [])
-        self.clean, self.clean_records = clean, list(pm.records)
+        pm = PassManager(self.shapes, verify=r.verify, progress=self.progress, seed=r.seed, keep_models=False)
+        box = [model]
+        del model
+        clean = pm.run(box.pop(), [p() for p in registry.CLEANUP] if r.fold_bn else [],
+                       input_file=getattr(self, "original_file", None))
+        self.clean, self.clean_records, self.baseline = clean, list(pm.records), pm.baseline
         self.folded = next((res.info for _, res in pm.results if "fold_constants" in res.info), {})
+        del pm
         if (self.folded.get("fold_constants") or {}).get("note"):
             report.warnings.append(self.folded["fold_constants_line"])
-        layers = collect_layers(clean, self.shapes)
+        layers = collect_layers(clean, self.shapes, lazy=True)
         if r.method == "auto":
             from .auto.driver import optimize_auto
 
             out, plan, built, extra = optimize_auto(self, original, clean, layers, quant)
         else:
             plan = self.plan(clean, layers)
-            out, built = self.build(clean, plan, quant)
+            self.clean = None
+            box = [clean]
+            del clean
+            detach_weights(layers)   # the plan is made: the clean model can go once its passes ran
+            out, built = self.build(box.pop(), plan, quant)
             extra = {}
         report.passes = self.clean_records + (built.records if built is not None else [])
         self.assemble(original, out, plan, layers, built, extra)
-        fid = self.judge(original, out, built)
+        fid = self.judge(getattr(self, "original_file", None) or original, out, built)
         _gates(r, report, fid, self.floors)
         return Result(model=out, report=report)
+
+    def release_original(self, model: onnx.ModelProto):
+        """Explicit recipes hold the input model once: its facts come from a weightless copy (returned: what
+        the data readers, the report and the checks read), its sessions (fidelity, latency) from a graph +
+        page-aligned external-data file written here (ORT maps the weights); the ModelProto itself goes to the
+        clean-up passes and is released with them."""
+        import tempfile
+
+        from .ir.modelio import weightless_copy, write_external
+
+        if self.bytes_before is None:
+            self.bytes_before = model_bytes(model)
+        self._workdir = tempfile.TemporaryDirectory(prefix="onnxcompress-run-")
+        self.original_file = str(write_external(model, Path(self._workdir.name) / "input.onnx"))
+        return weightless_copy(model, keep_small=True)
 
     def quantization_mode(self) -> str:
         """int8 | fp16 | none for explicit recipes, and what `--quantize auto` may use ("auto" stays "auto"
@@ -239,15 +264,19 @@ class Run:
         quantized and every other node stays float). Returns (model, PassManager)."""
         r = self.recipe
         pm = PassManager(self.shapes, verify=r.verify if verify is None else verify, progress=self.progress,
-                         seed=r.seed, keep_models=r.min_speedup is not None or quant == "int4")
-        out = pm.run(clean, self.passes(plan, clean, quant, float_layers, int4_layers, int8_layers))
+                         seed=r.seed, keep_models=r.min_speedup is not None or quant == "int4",
+                         baseline=getattr(self, "baseline", None))
+        passes = self.passes(plan, clean, quant, float_layers, int4_layers, int8_layers)
+        box = [clean]   # the passes' input is referenced by the manager only (the caller may still hold it)
+        del clean
+        out = pm.run(box.pop(), passes)
         return out, pm
 
     def passes(self, plan: Plan, model: onnx.ModelProto, quant: str, float_layers=(), int4_layers=(),
                int8_layers=None) -> list:
         r, report = self.recipe, self.report
         calib = self.calib
-        feeds = feeds_factory(model, calib) if calib is not None else None
+        feeds = feeds_factory(self.model, calib) if calib is not None else None   # reads the inputs only
         real = calib is not None and getattr(calib, "kind", "") != "random"
         if r.data_aware and not real:
             report.warnings.append("--data-aware statistics come from random inputs (not real data): the "
@@ -262,12 +291,17 @@ class Run:
                 report.warnings.append(w)
         if out and r.qaf is not False:
             out += self.qaf_passes(model, quant, list(float_layers), list(int4_layers))
+        if out:   # linear neighbours of the chains merged (lossless) before quantization; QAF's chains stay
+            from .ir.names import exact_globs
+
+            keep = [k for k, o in r.layers.items() if o.precision == "float"] + exact_globs(float_layers)
+            out += [f(self.shapes, keep) for f in registry.FUSION]
         if quant == "int8" and int4_layers:
-            out.append(self.int4_pass(model, list(float_layers), list(int4_layers)))
+            out.append(self.int4_pass(self.model, list(float_layers), list(int4_layers)))
         elif quant == "int8":
-            out.append(self.int8_pass(model, list(float_layers), int8_layers))
+            out.append(self.int8_pass(self.model, list(float_layers), int8_layers))
         elif quant == "int4":
-            out.append(self.int4_pass(model, list(float_layers)))
+            out.append(self.int4_pass(self.model, list(float_layers)))
         elif quant == "fp16":
             out.append(registry.quantizer("fp16"))
         return out
@@ -378,8 +412,11 @@ class Run:
 
     # ------------------------------------------------------------------------------------------ judge
     def fidelity(self, original, out) -> Fidelity:
+        from .ort.fidelity import fidelity_sequential
+
         ev = self.holdout
-        return fidelity(original, out, inputs_for_model(original, ev, batch_size=16), "cpu", ev.description)
+        return fidelity_sequential(original, out, lambda: inputs_for_model(self.model, ev, batch_size=16), "cpu",
+                                   ev.description)
 
     def whole_latency(self, original, out) -> dict:
         """Median latency of the input and the result on the target provider, interleaved in one process."""
@@ -394,6 +431,7 @@ class Run:
         self.note("fidelity on ORT CPU")
         fid = self.fidelity(original, out)
         report.fidelity = {**fid.to_dict(), "synthetic_inputs": self.synthetic}
+        self.note(f"latency against the input on ORT {r.providers[0]}")
         lat = self.whole_latency(original, out)
         report.latency = {**(report.latency or {}), **lat}
         if "int4" in report.quantization and built is not None:

@@ -73,7 +73,7 @@ class Recipe:
     jobs: int | None = None              # worker processes for sensitivity measurements (None: up to 4 cores)
     executor: str = "local"              # local | ray
     latency_guard: bool | None = None    # None = on for the CPU provider
-    rank_multiple: int | None = None     # round ranks to a multiple of this; None = 8 for the CPU provider
+    rank_multiple: int | None = None     # round ranks to a multiple of this; None = 16 (else 8) for the CPU provider
     report: str | None = None
     plots: str | None = None
     seed: int = 0

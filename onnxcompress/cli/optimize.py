@@ -23,8 +23,8 @@ OPTIONS = [
      "--target-macs is given)"),
     ("ranks", ["--target-macs"], "target_macs", "float", "fraction of the MACs to keep, e.g. 0.5"),
     ("ranks", ["--rank"], "rank", "str", "vbmf or vbmf:<weakening in [0,1]>: EVBMF ranks (capped by --ratio)"),
-    ("ranks", ["--rank-multiple"], "rank_multiple", "int", "align ranks to a multiple of N (default 8 for the cpu "
-     "provider, else 1; 1 = off)"),
+    ("ranks", ["--rank-multiple"], "rank_multiple", "int", "align ranks to a multiple of N (default for the cpu "
+     "provider: 16, else 8 where no multiple of 16 fits the layer; other providers 1; 1 = off)"),
     ("ranks", ["--allocation"], "allocation", "str", "uniform | later-first | sensitivity: how the ratio is "
      "spread over the layers"),
     ("ranks", ["--sensitivity"], "sensitivity", "str", "analyze.json from `onnxcompress analyze` for "

@@ -24,6 +24,10 @@ def constant_value(t: gs.Tensor, _depth: int = 0) -> np.ndarray | None:
     """Value of a tensor if it is constant: an initializer, a Constant node, or either behind
     Identity/Cast. None for computed (dynamic) tensors."""
     if isinstance(t, gs.Constant):
+        if isinstance(t._values, gs.ir.tensor.LazyValues):
+            # read without caching: gs would keep the array on the Constant and re-serialise it on export
+            # instead of reusing the original TensorProto (one more copy of every weight a pass looked at)
+            return np.asarray(t._values.load())
         return np.asarray(t.values)
     if _depth > 8 or not t.inputs:
         return None
@@ -92,6 +96,28 @@ class ConvInfo:
         return int(np.prod(self.weight_shape)) * int(np.prod(self.out_shape[2:]))
 
 
+class LazyConvInfo(ConvInfo):
+    """A ConvInfo whose `weight` is read from the graph each time it is asked for (its checks ran once, when it
+    was made) instead of being held: a pass that makes the infos of every conv before rewriting any would
+    otherwise hold a numpy copy of every conv weight next to the model (94 MB on ResNet-50). Setting `weight`
+    pins a value."""
+
+    def __init__(self, *args, source: gs.Tensor | None = None, **kwargs):
+        self._source = source
+        self._weight = None
+        super().__init__(*args, **kwargs)
+
+    @property
+    def weight(self) -> np.ndarray | None:
+        if self._weight is not None or self._source is None:
+            return self._weight
+        return constant_value(self._source)
+
+    @weight.setter
+    def weight(self, value) -> None:
+        self._weight = value
+
+
 def explicit_pads(attrs: dict, kernel: tuple[int, ...], in_spatial: tuple[int, ...] | None,
                   strides: tuple[int, ...], dilations: tuple[int, ...]) -> tuple[int, ...] | None:
     """Explicit [begins..., ends...] pads; resolves auto_pad (needs static input dims, else None)."""
@@ -118,7 +144,8 @@ def explicit_pads(attrs: dict, kernel: tuple[int, ...], in_spatial: tuple[int, .
     return tuple(begins + ends)
 
 
-def conv_info(node: gs.Node, index: int, shapes: dict[str, tuple[int, ...]]) -> ConvInfo:
+def conv_info(node: gs.Node, index: int, shapes: dict[str, tuple[int, ...]], lazy: bool = False) -> ConvInfo:
+    """The facts of the Conv `node`; `lazy`: a LazyConvInfo (the weight read from the graph on demand)."""
     w = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
     b = constant_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None \
         and not (isinstance(node.inputs[2], gs.Variable) and node.inputs[2].name == "") else None
@@ -158,10 +185,11 @@ def conv_info(node: gs.Node, index: int, shapes: dict[str, tuple[int, ...]]) -> 
         problem = "bias holds NaN or Inf"
     elif pads is None:
         problem = "auto_pad with unknown input shape"
-    info = ConvInfo(name=node.name, index=index, weight_shape=wshape, group=group, strides=strides,
-                    pads=pads or (), dilations=dil, in_shape=in_shape, out_shape=out_shape,
-                    has_bias=has_bias, weight=w, bias=b, problem=problem)
-    return info
+    kw = dict(name=node.name, index=index, weight_shape=wshape, group=group, strides=strides, pads=pads or (),
+              dilations=dil, in_shape=in_shape, out_shape=out_shape, has_bias=has_bias, bias=b, problem=problem)
+    if lazy and w is not None:
+        return LazyConvInfo(source=node.inputs[1], weight=None, **kw)
+    return ConvInfo(weight=w, **kw)
 
 
 def nested_compute_nodes(model: onnx.ModelProto, ops=("Conv", "Gemm", "MatMul")) -> list[tuple[str, str, str]]:
@@ -250,34 +278,60 @@ class LinearInfo:
         return self.bias is not None
 
 
+class LazyLinearInfo(LinearInfo):
+    """A LinearInfo of a 1×1 conv whose `W` is read from the graph each time it is asked for (see LazyConvInfo);
+    its widths come from the weight's shape, so `T`, `S`, `macs` hold without the values."""
+
+    def __init__(self, *args, source=None, shape: tuple[int, int] = (0, 0), **kwargs):
+        self._source, self._shape, self._W = source, tuple(shape), None
+        super().__init__(*args, **kwargs)
+
+    @property
+    def W(self) -> np.ndarray | None:
+        if self._W is not None or self._source is None:
+            return self._W
+        return self._source()
+
+    @W.setter
+    def W(self, value) -> None:
+        self._W = value
+
+    @property
+    def T(self) -> int:
+        return int(self._W.shape[0]) if self._W is not None else self._shape[0]
+
+    @property
+    def S(self) -> int:
+        return int(self._W.shape[1]) if self._W is not None else self._shape[1]
+
+    @property
+    def macs(self) -> int | None:
+        p = self.positions
+        return None if p is None else p * self.T * self.S
+
+
 def _attr_int(node: gs.Node, key: str, default: int) -> int:
     return int(node.attrs.get(key, default))
 
 
-def linear_infos(g: gs.Graph, shapes: dict[str, tuple[int, ...]], kinds=KINDS) -> list[tuple[gs.Node, LinearInfo]]:
+def linear_infos(g: gs.Graph, shapes: dict[str, tuple[int, ...]], kinds=KINDS, lazy: bool = False
+                 ) -> list[tuple[gs.Node, LinearInfo]]:
     """Candidate nodes of `g` (topological order) and their facts; nodes made by factorization passes are
-    left out. Each info's `problem` says why it cannot be factorized (None: it can)."""
+    left out. Each info's `problem` says why it cannot be factorized (None: it can). `lazy`: convs' weights are
+    read from `g` when asked for (LazyConvInfo, LazyLinearInfo), not held."""
     out = []
     conv_idx = lin_idx = 0
     for node in g.nodes:
         if node.op not in ("Conv", "Gemm", "MatMul") or is_chain_node(node.name):
             continue
         if node.op == "Conv":
-            ci = conv_info(node, conv_idx, shapes)
+            ci = conv_info(node, conv_idx, shapes, lazy=lazy)
             conv_idx += 1
             if "conv" not in kinds:
                 continue
             if ci.weight_shape and len(ci.weight_shape) > 2 and int(np.prod(ci.kernel)) != 1:
                 continue   # k×k convs belong to Tucker2/CP: not an SVD candidate, no record
-            info = LinearInfo(node.name, "Conv", "conv", ci.index, x=node.inputs[0].name, y=node.outputs[0].name,
-                              in_shape=ci.in_shape, out_shape=ci.out_shape, conv=ci, params=ci.params,
-                              problem=ci.problem)
-            if info.problem is None and ci.group != 1:
-                info.problem = ("depthwise conv" if ci.group == ci.S == ci.T else f"grouped conv (group={ci.group})")
-            if info.problem is None:
-                info.W = ci.weight.reshape(ci.T, ci.S)
-                info.bias = ci.bias if ci.has_bias else None
-            out.append((node, info))
+            out.append((node, _conv_linear_info(node, ci)))
             continue
         idx = lin_idx
         lin_idx += 1
@@ -292,6 +346,25 @@ def linear_infos(g: gs.Graph, shapes: dict[str, tuple[int, ...]], kinds=KINDS) -
         for i in lins:
             i.last = i.name == last_name
     return out
+
+
+def _conv_linear_info(node: gs.Node, ci: ConvInfo) -> LinearInfo:
+    """A 1×1 conv as a linear map (its weight read on demand when `ci` is lazy)."""
+    kw = dict(x=node.inputs[0].name, y=node.outputs[0].name, in_shape=ci.in_shape, out_shape=ci.out_shape, conv=ci,
+              params=ci.params, problem=ci.problem)
+    problem = ci.problem
+    if problem is None and ci.group != 1:
+        problem = kw["problem"] = ("depthwise conv" if ci.group == ci.S == ci.T else f"grouped conv (group={ci.group})")
+    if problem is None and isinstance(ci, LazyConvInfo):
+        info = LazyLinearInfo(node.name, "Conv", "conv", ci.index, source=lambda: ci.weight.reshape(ci.T, ci.S),
+                              shape=(ci.T, ci.S), **kw)
+    else:
+        info = LinearInfo(node.name, "Conv", "conv", ci.index, **kw)
+        if problem is None:
+            info.W = ci.weight.reshape(ci.T, ci.S)
+    if problem is None:
+        info.bias = ci.bias if ci.has_bias else None
+    return info
 
 
 def _gemm_or_matmul_info(node: gs.Node, idx: int, kind: str, shapes) -> LinearInfo:
@@ -350,17 +423,19 @@ def conv_spec(info: ConvInfo) -> ConvSpec:
                     tuple(info.dilations), info.group, info.has_bias)
 
 
-def collect_layers(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None) -> list:
+def collect_layers(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None,
+                   lazy: bool = False) -> list:
     """Every compute layer of the main graph in topological order (nodes made by factorization passes left
     out): ConvInfo for convs with a spatial kernel (and convs whose weight cannot be read), LinearInfo for
     1×1 convs, Gemm and MatMul. Indices follow the recipe's `#N` convention (position among the Conv nodes;
-    Gemm/MatMul among Gemm+MatMul)."""
+    Gemm/MatMul among Gemm+MatMul). `lazy`: conv weights are read from the model when asked for, not held
+    (the infos then keep `model`'s tensors alive; `detach_weights` lets them go)."""
     from .shapes import infer_value_shapes
     from .surgery import import_graph
 
     vs = infer_value_shapes(model, shapes)
     g = import_graph(model)
-    lin = {n.name: info for n, info in linear_infos(g, vs)}
+    lin = {n.name: info for n, info in linear_infos(g, vs, lazy=lazy)}
     out, conv_idx = [], 0
     for node in g.nodes:
         if node.op not in ("Conv", "Gemm", "MatMul") or is_chain_node(node.name):
@@ -368,9 +443,30 @@ def collect_layers(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | 
         if node.name in lin:
             out.append(lin[node.name])
         elif node.op == "Conv":
-            out.append(conv_info(node, conv_idx, vs))
+            out.append(conv_info(node, conv_idx, vs, lazy=lazy))
         conv_idx += node.op == "Conv"
     return out
+
+
+def detach_weights(infos) -> None:
+    """Let the infos forget their weights (shapes, params and MACs stay): lazy ones where to read them, eager
+    Gemm/MatMul ones the (out, in) array they hold (a VGG-16's classifier: 480 MB), so that the model they were
+    read from, and their copies, can be freed. `weight` / `W` are None afterwards."""
+    for i in infos:
+        if type(i) is LinearInfo and i.W is not None:   # eager: becomes a LazyLinearInfo with nothing to read
+            shape = (i.T, i.S)
+            i.__class__ = LazyLinearInfo
+            i._source, i._shape, i._W = None, shape, None
+            i.__dict__.pop("W", None)
+        for obj in (i, getattr(i, "conv", None)):
+            if obj is None:
+                continue
+            if hasattr(obj, "_source"):
+                obj._source = None
+            if isinstance(obj, LazyLinearInfo):
+                obj._W = None
+            elif isinstance(obj, LazyConvInfo):
+                obj._weight = None
 
 
 def layer_kernel(info) -> tuple[int, ...]:

@@ -31,6 +31,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if not model.graph.node and not model.graph.output:
         raise UserError(f"{p} is not an ONNX model (empty graph; truncated or another format?)")
     _check_external_locations(model, p.parent)
+    _EXTERNAL[_file_key(p)] = _uses_external_data(model)
     if _uses_external_data(model):
         try:
             onnx.load_external_data_for_model(model, str(p.parent))
@@ -130,8 +131,24 @@ def create_temp(parent: str | os.PathLike, name: str) -> tuple[int, str]:
     raise FileExistsError(f"cannot create a temporary file in {parent}")
 
 
+#: what load_model found out about the files it read: (path, mtime, size) -> keeps tensors in external files
+_EXTERNAL: dict[tuple, bool] = {}
+
+
+def _file_key(p: Path) -> tuple:
+    st = p.stat()
+    return (str(p.resolve()), st.st_mtime_ns, st.st_size)
+
+
 def uses_external_data(path: str | os.PathLike) -> bool:
-    """Whether the ONNX file at `path` keeps tensors in external data files."""
+    """Whether the ONNX file at `path` keeps tensors in external data files (remembered from load_model when it
+    read that file: parsing a large model again only to ask costs as much memory as the model)."""
+    try:
+        hit = _EXTERNAL.get(_file_key(Path(path)))
+    except OSError:
+        hit = None
+    if hit is not None:
+        return hit
     try:
         return _uses_external_data(onnx.load(str(path), load_external_data=False))
     except Exception:
@@ -152,23 +169,12 @@ def save_model_atomic(model: onnx.ModelProto, out: str | os.PathLike, external: 
     os.close(fd)
     tmp_data = None
     try:
-        if big:
-            m = onnx.ModelProto()
-            m.CopyFrom(model)  # onnx.save_model rewrites tensors to external references in place
-            model = m
+        if big:   # tensor by tensor into a temp data file (no copy of the model), renamed into place
             data_name = o.name + ".data"
             fd_data, tmp_data = create_temp(parent, data_name)   # onnx would create it 0600
             os.close(fd_data)
             tmp_data = Path(tmp_data)
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=tmp_data.name, size_threshold=1024)
-            # the proto names the temp data file; rewrite the location to the final one
-            m2 = onnx.load(tmp, load_external_data=False)
-            for t in _all_tensors(m2):
-                for e in t.external_data:
-                    if e.key == "location":
-                        e.value = data_name
-            onnx.save_model(m2, tmp)
+            write_external(model, tmp, data_name=data_name, data_path=tmp_data)
             os.replace(tmp_data, parent / data_name)
             tmp_data = None
         else:
@@ -206,3 +212,142 @@ def write_text_atomic(text: str, out: str | os.PathLike) -> Path:
             os.unlink(tmp)
         raise
     return o
+
+
+# ------------------------------------------------------------------------------------------ without copies
+#: external-data offsets on page boundaries: ORT maps such tensors from the file instead of copying them
+PAGE = 4096
+#: initializer types shape inference may need the values of (shape tensors, indices): kept by `keep_small`
+_SHAPE_TYPES = (onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.BOOL, onnx.TensorProto.INT16,
+                onnx.TensorProto.UINT16)
+
+
+def weightless_copy(model: onnx.ModelProto, keep_small: bool = False, small_bytes: int = 4096) -> onnx.ModelProto:
+    """`model` without its initializers' data (each keeps its name, type and dims): what shape inference, MAC
+    counts and graph facts need, at the cost of the graph, not of the weights. `keep_small`: initializers of an
+    integer type or of at most `small_bytes` keep their data (shape inference with data propagation reads
+    Reshape targets and the like)."""
+    m = onnx.ModelProto()
+    for f in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(m, f, getattr(model, f))
+    m.opset_import.extend(model.opset_import)
+    m.metadata_props.extend(model.metadata_props)
+    m.functions.extend(model.functions)
+    g, src = m.graph, model.graph
+    g.name, g.doc_string = src.name, src.doc_string
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    g.sparse_initializer.extend(src.sparse_initializer)
+    g.quantization_annotation.extend(src.quantization_annotation)
+    for t in src.initializer:
+        nt = g.initializer.add()
+        if keep_small and (t.data_type in _SHAPE_TYPES or t.ByteSize() <= small_bytes):
+            nt.CopyFrom(t)
+            continue
+        nt.name, nt.data_type = t.name, t.data_type
+        nt.dims.extend(t.dims)
+    return m
+
+
+def _raw_bytes(t: onnx.TensorProto) -> bytes:
+    if t.HasField("raw_data"):
+        return t.raw_data
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(t).tobytes()
+
+
+def write_external(model: onnx.ModelProto, path: str | os.PathLike, data_name: str | None = None,
+                   min_bytes: int = 1024, data_path: str | os.PathLike | None = None) -> Path:
+    """`model` written as a graph file at `path` plus one external data file beside it (`data_name`, default
+    `<name>.data`) holding every initializer of at least `min_bytes` at page-aligned offsets (ORT then maps
+    them). Tensor by tensor: no serialised copy of the whole model is made, any size works (> 2 GB), and
+    `model` is not modified (onnx.save_model(save_as_external_data=True) clears the caller's raw_data).
+    Tensors already external (a model loaded without its weights) are refused. `data_path`: write the data
+    there instead (e.g. a temp file renamed to `data_name` later); the graph still names `data_name`."""
+    path = Path(path)
+    data_name = data_name or path.name + ".data"
+    m = weightless_copy(model)
+    off = 0
+    with open(data_path or (path.parent / data_name), "wb") as f:
+        for t, nt in zip(model.graph.initializer, m.graph.initializer):
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                raise ValueError(f"initializer {t.name!r} is external data not loaded into memory")
+            b = _raw_bytes(t)
+            if len(b) < min_bytes:
+                nt.CopyFrom(t)
+                continue
+            pad = (-off) % PAGE
+            if pad:
+                f.write(b"\0" * pad)
+                off += pad
+            f.write(b)
+            nt.data_location = onnx.TensorProto.EXTERNAL
+            for k, v in (("location", data_name), ("offset", str(off)), ("length", str(len(b)))):
+                e = nt.external_data.add()
+                e.key, e.value = k, v
+            off += len(b)
+            del b
+    onnx.save_model(m, str(path))
+    return path
+
+
+def load_graph(path: str | os.PathLike) -> onnx.ModelProto:
+    """The model at `path` without its external weights (initializers stored inside the file are read)."""
+    return onnx.load(str(path), load_external_data=False)
+
+
+class ModelFiles:
+    """The latest ModelProto written to a temporary graph + external-data file (:func:`write_external`), so that
+    the checker, the verification session and the INT8 pass read one file instead of each making a serialised
+    copy (and so that models over 2 GB work at all). Keyed by the object's identity and its node and initializer
+    counts; `close()` (or a new model) removes the file."""
+
+    def __init__(self, prefix: str = "onnxcompress-m-"):
+        self.prefix = prefix
+        self.key = None
+        self.dir: str | None = None
+        self.path: Path | None = None
+        self._model = None    # the keyed object stays referenced so that its id cannot be reused meanwhile
+
+    def file_for(self, model: onnx.ModelProto) -> Path:
+        key = (id(model), len(model.graph.node), len(model.graph.initializer))
+        if key == self.key and self._model is model and self.path is not None and self.path.exists():
+            return self.path
+        self.close()
+        self.dir = tempfile.mkdtemp(prefix=self.prefix)
+        self.path = write_external(model, Path(self.dir) / "m.onnx")
+        self.key, self._model = key, model
+        return self.path
+
+    def holds(self, model: onnx.ModelProto) -> Path | None:
+        """The file of `model` when it is the one written last (None otherwise)."""
+        ok = self._model is model and self.path is not None and self.path.exists()
+        return self.path if ok else None
+
+    def take(self) -> tuple[str | None, Path | None]:
+        """Hand the current file over to the caller: (its folder, its path); the caller removes the folder. The
+        next `file_for` then writes a new file instead of replacing this one."""
+        out = (self.dir, self.path)
+        self.key = self.dir = self.path = self._model = None
+        return out
+
+    def forget_model(self) -> None:
+        """Keep the file, drop the reference to the ModelProto (its memory can go; the file stays valid)."""
+        self._model = None
+        self.key = None
+
+    def close(self) -> None:
+        if self.dir:
+            import shutil
+
+            shutil.rmtree(self.dir, ignore_errors=True)
+        self.key = self.dir = self.path = self._model = None
+
+    def __enter__(self) -> "ModelFiles":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -42,6 +42,10 @@ def input_shapes(model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] |
 def with_static_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    return _pin_inputs(m, shapes)
+
+
+def _pin_inputs(m: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
     for vi in m.graph.input:
         if vi.name in shapes:
             dims = vi.type.tensor_type.shape.dim
@@ -53,8 +57,15 @@ def with_static_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]
 
 def infer_value_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None
                        ) -> dict[str, tuple[int, ...]]:
-    """Static shapes of every tensor that shape inference can resolve (with `shapes` pinned)."""
-    m = with_static_inputs(model, shapes) if shapes else model
+    """Static shapes of every tensor that shape inference can resolve (with `shapes` pinned).
+
+    Runs on a weightless copy (small and integer initializers keep their data for data propagation): copying
+    and serialising the full model here cost 3-4x its size in memory, and over 2 GB it cannot be serialised."""
+    from .modelio import weightless_copy
+
+    m = weightless_copy(model, keep_small=True)
+    if shapes:
+        m = _pin_inputs(m, shapes)
     try:
         m = onnx.shape_inference.infer_shapes(m, data_prop=True)
     except Exception:

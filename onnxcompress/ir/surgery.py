@@ -15,15 +15,38 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
 
 
 def export_graph(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    """`graph` as a ModelProto with `like`'s model-level fields (ir_version, producer, metadata, opset imports gs
+    drops). Fills the ModelProto directly, one weight at a time: gs.export_onnx builds a GraphProto (one copy of
+    every weight) that make_model then copies into the ModelProto (a second)."""
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, update_import_domains
+
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    m = gs.export_onnx(graph, do_type_check=False)
+    m = onnx.ModelProto()
+    g = m.graph
+    g.name = graph.name or ""
+    if graph.doc_string:
+        g.doc_string = graph.doc_string
+    g.node.extend(OnnxExporter.export_node(n) for n in graph.nodes)
+    g.input.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.inputs)
+    g.output.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.outputs)
+    tensors = graph.tensors()
+    for t in tensors.values():
+        if isinstance(t, gs.Constant):
+            if isinstance(t._values, gs.ir.tensor.SparseValues):
+                g.sparse_initializer.append(OnnxExporter.export_sparse_tensor_proto(t))
+            else:
+                g.initializer.append(OnnxExporter.export_tensor_proto(t))
+    io = {t.name for t in graph.inputs + graph.outputs}
+    g.value_info.extend(OnnxExporter.export_value_info_proto(t, False) for n, t in tensors.items()
+                        if n not in io and isinstance(t, gs.Variable) and (t.dtype is not None or t.shape is not None))
+    m.functions.extend(OnnxExporter.export_function(f) for f in graph.functions)
+    m.opset_import.extend(update_import_domains(graph))
     m.ir_version = like.ir_version
     m.producer_name = like.producer_name or "onnxcompress"
     m.producer_version = like.producer_version
     m.domain = like.domain
     m.model_version = like.model_version
     m.doc_string = like.doc_string
-    del m.metadata_props[:]
     m.metadata_props.extend(like.metadata_props)
     # keep the original opset imports (gs may drop unused domains)
     have = {o.domain for o in m.opset_import}

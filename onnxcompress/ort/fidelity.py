@@ -130,3 +130,37 @@ def fidelity(reference, candidate, batches: Iterable, provider: str = "cpu", dat
         b = new.run(None, feeds)[output_index]
         acc.update(a, b, labels)
     return acc.result(provider, data)
+
+
+def fidelity_sequential(reference, candidate, batches_factory, provider: str = "cpu", data: str = "",
+                        output_index: int = 0, max_kept_mb: float = 256.0) -> Fidelity:
+    """:func:`fidelity` with one model in memory at a time: the reference (a path or a ModelProto) runs over
+    `batches_factory()` first and its compared outputs are kept (logits: small), its session is dropped, then
+    the candidate runs over `batches_factory()` again. Sessions are lean (evaluation, not timing: no weight
+    pre-packing, no arena; measured as fast here). Once the kept outputs pass `max_kept_mb`, the remaining
+    batches are compared with both sessions alive. Same metrics, same order, as :func:`fidelity`."""
+    from .session import release_memory
+
+    ref = make_session(reference, provider, lean=True)
+    names = [i.name for i in ref.get_inputs()]
+    kept, size, overflow = [], 0, False
+    for inputs, _ in batches_factory():
+        a = ref.run(None, feeds_for(inputs, names))[output_index]
+        kept.append(a)
+        size += a.nbytes
+        if size > max_kept_mb * 2**20:
+            overflow = True
+            break
+    if not overflow:
+        del ref
+        release_memory()
+    new = make_session(candidate, provider, lean=True)
+    acc = FidelityAccumulator()
+    for i, (inputs, labels) in enumerate(batches_factory()):
+        feeds = feeds_for(inputs, names)
+        a = kept[i] if i < len(kept) else ref.run(None, feeds)[output_index]
+        acc.update(a, new.run(None, feeds)[output_index], labels)
+    del new
+    ref = None
+    release_memory()
+    return acc.result(provider, data)

@@ -130,8 +130,10 @@ def changed_tensors(prev: onnx.ModelProto, new: onnx.ModelProto, limit: int = 64
 
 
 def _float_types(model: onnx.ModelProto) -> dict[str, int]:
-    try:
-        m = onnx.shape_inference.infer_shapes(model)
+    from ..ir.modelio import weightless_copy
+
+    try:   # types only: inferred on a copy without the weights (a full copy would cost the model's size twice)
+        m = onnx.shape_inference.infer_shapes(weightless_copy(model, keep_small=True))
     except Exception:   # noqa: BLE001 - no types: only the model outputs are compared
         m = model
     types = {}
@@ -155,14 +157,28 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str], types: dict[str, 
     return m
 
 
-def overridable(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+def overridable(model: onnx.ModelProto, detach: bool = False, values_from: onnx.ModelProto | None = None
+                ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """A copy of `model` whose float parameters are graph inputs with their values as defaults (an ONNX
     initializer listed as an input can be overridden at run time), and those values. One session then runs
     the model as stored and every perturbed copy of it. Float `Constant` nodes become such initializers
-    too; tensors that set shapes or indices (inputs of STRUCTURAL_OPS) stay fixed."""
+    too; tensors that set shapes or indices (inputs of STRUCTURAL_OPS) stay fixed. `detach`: the parameters are
+    plain graph inputs without defaults (the copy holds no weights: every run must feed them); `values_from`: the
+    model holding the initializers' values when `model` is a weightless graph of it."""
+    from ..ir.modelio import weightless_copy
+
     structural = {i for n in model.graph.node if n.op_type in STRUCTURAL_OPS for i in n.input[1:]}
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    src_of = {t.name: t for t in (values_from or model).graph.initializer}
+    if detach:   # the graph without the weights; non-parameter initializers keep their values
+        m = weightless_copy(model)
+        listed = {i.name for i in m.graph.input}
+        for t in m.graph.initializer:
+            src = src_of.get(t.name)
+            if src is not None and (src.data_type not in _FLOAT or src.name in structural or src.name in listed):
+                t.CopyFrom(src)
+    else:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
     g = m.graph
     keep = []
     for n in g.node:
@@ -182,17 +198,22 @@ def overridable(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.n
     for t in g.initializer:
         if t.data_type not in _FLOAT or t.name in structural or t.name in inputs:
             continue
-        if t.data_location == TensorProto.EXTERNAL:
+        if src_of.get(t.name, t).data_location == TensorProto.EXTERNAL:
             continue
-        params[t.name] = numpy_helper.to_array(t)
+        params[t.name] = numpy_helper.to_array(src_of.get(t.name, t))
         g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    if detach and params:
+        keep = [t for t in g.initializer if t.name not in params]
+        del g.initializer[:]
+        g.initializer.extend(keep)
     if m.ir_version < 4:
         m.ir_version = 4
     return m, params
 
 
-def perturb(arrays: dict, rng: np.random.Generator, ulps: float = 1.0) -> dict:
-    """Each float array multiplied by ``1 + u``, u uniform in ±`ulps` ulp of its type; others unchanged."""
+def perturb(arrays: dict, rng: np.random.Generator, ulps: float = 1.0, inplace: bool = False) -> dict:
+    """Each float array multiplied by ``1 + u``, u uniform in ±`ulps` ulp of its type; others unchanged.
+    `inplace`: the arrays themselves are multiplied (the same values, no second copy of them)."""
     out = {}
     for k, v in arrays.items():
         v = np.asarray(v)
@@ -200,7 +221,12 @@ def perturb(arrays: dict, rng: np.random.Generator, ulps: float = 1.0) -> dict:
             dt = v.dtype.type
             u = rng.random(v.shape, dtype=np.float64 if dt is np.float64 else np.float32).astype(dt, copy=False)
             u = (u * dt(2 * ulps) - dt(ulps)) * dt(_EPS[dt])
-            v = np.asarray(v * (dt(1) + u), dtype=dt)   # 0-d stays an array
+            u += dt(1)
+            if inplace and v.ndim and v.flags.writeable:
+                v *= u
+            else:
+                v = np.asarray(v * u, dtype=dt)   # 0-d stays an array
+            del u
         out[k] = v
     return out
 
@@ -213,27 +239,60 @@ def _ort_session(model: onnx.ModelProto):
 
 
 # ------------------------------------------------------------------------------------------ the verdict
+def _run_from_file(path, inner: Sequence[str], types: dict[str, int], feeds: dict) -> dict:
+    """Outputs and `inner` tensors of the model file at `path` (graph + external data): a graph-only copy with
+    the extra outputs is written beside it, so the weights are read by ORT from the same data file."""
+    from pathlib import Path
+
+    from ..ir.modelio import load_graph
+    from .session import make_session
+
+    g = with_outputs(load_graph(path), inner, types)
+    aug = Path(path).with_name(Path(path).stem + ".noise-floor.onnx")
+    onnx.save_model(g, str(aug))
+    try:
+        s = make_session(str(aug), "cpu", lean=True)
+        return dict(zip([o.name for o in g.graph.output], s.run(None, feeds)))
+    finally:
+        aug.unlink(missing_ok=True)
+
+
 def lossless_verdict(prev: onnx.ModelProto, new: onnx.ModelProto, feeds: dict, *, samples: int = 3,
                      ulps: float = 1.0, threshold: float = DEFAULT_THRESHOLD, seed: int = 0,
-                     max_tensors: int = 64, session: SessionFactory | None = None) -> NoiseVerdict:
+                     max_tensors: int = 64, session: SessionFactory | None = None,
+                     new_file=None) -> NoiseVerdict:
     """Whether `new` computes what `prev` computes on `feeds`, up to `prev`'s own float32 noise (see the
-    module docstring). `session(model) -> run(feeds) -> outputs` (default: ORT CPU)."""
+    module docstring). `session(model) -> run(feeds) -> outputs` (default: ORT CPU). `new_file`: a file holding
+    `new` (graph + external data), which its run then reads instead of a copy of `new`."""
+    from ..ir.modelio import weightless_copy
+
     session = session or _ort_session
     types = _float_types(prev)
     out_names = [o.name for o in prev.graph.output]
     inner = [n for n in changed_tensors(prev, new, max_tensors) if n in types]
     names = out_names + inner
-    p, params = overridable(with_outputs(prev, inner, types))
-    q = with_outputs(new, inner, types)
+    # the previous model's graph holds no weights: its parameters are fed (one copy of them, plus a perturbed
+    # one per run); the new model runs from `new_file` when given (a graph-only copy beside its data file)
+    p, params = overridable(with_outputs(weightless_copy(prev), inner, types), detach=True, values_from=prev)
+    src = {t.name: t for t in prev.graph.initializer if t.name in params}
+    fixed = {k: v for k, v in params.items() if k not in src}    # from Constant nodes: small, kept
+
+    def values() -> dict:   # the parameters read afresh for each run (perturbed in place: one copy at a time)
+        return {k: (numpy_helper.to_array(src[k]) if k in src else fixed[k].copy()) for k in params}
+    params = {k: None for k in params}
     order_p = [o.name for o in p.graph.output]
-    order_q = [o.name for o in q.graph.output]
     run_p = session(p)
-    y0 = dict(zip(order_p, run_p(feeds)))
-    yn = dict(zip(order_q, session(q)(feeds)))
+    y0 = dict(zip(order_p, run_p({**feeds, **values()})))
+    if new_file is not None:
+        yn = _run_from_file(new_file, inner, types, feeds)
+    else:
+        q = with_outputs(new, inner, types)
+        yn = dict(zip([o.name for o in q.graph.output], session(q)(feeds)))
+        del q
     rng = np.random.default_rng(seed)
     sq = {n: 0.0 for n in names}
     for _ in range(max(samples, 1)):
-        yk = dict(zip(order_p, run_p({**perturb(feeds, rng, ulps), **perturb(params, rng, ulps)})))
+        yk = dict(zip(order_p, run_p({**perturb(feeds, rng, ulps), **perturb(values(), rng, ulps, inplace=True)})))
         for n in names:
             a = np.asarray(y0[n])
             if a.dtype.type in _EPS:
@@ -267,7 +326,8 @@ def lossless_verdict(prev: onnx.ModelProto, new: onnx.ModelProto, feeds: dict, *
 
 
 def check_lossless(prev: onnx.ModelProto, new: onnx.ModelProto, feeds: dict, prev_out: Sequence[np.ndarray],
-                   new_out: Sequence[np.ndarray], rtol: float = 1e-4, seed: int = 0) -> tuple[dict, str | None]:
+                   new_out: Sequence[np.ndarray], rtol: float = 1e-4, seed: int = 0,
+                   new_file=None) -> tuple[dict, str | None]:
     """The PassManager's lossless check: (facts for `PassRecord.verified`, None or why the rewrite is not
     lossless). The noise floor decides; when it cannot be measured (a model over 2 GB cannot be serialized
     for ORT with extra outputs), the plain relative error against `rtol` does."""
@@ -278,7 +338,7 @@ def check_lossless(prev: onnx.ModelProto, new: onnx.ModelProto, feeds: dict, pre
         rec["noise_floor"] = {"equivalent": True, "skipped": "outputs bit-identical"}
         return rec, None   # e.g. Identity nodes folded away: nothing to measure against the noise
     try:
-        v = lossless_verdict(prev, new, feeds, seed=seed)
+        v = lossless_verdict(prev, new, feeds, seed=seed, new_file=new_file)
     except Exception as e:   # noqa: BLE001 - the fixed tolerance decides
         rec["noise_floor"] = {"error": (str(e).strip().splitlines() or [type(e).__name__])[0][:200]}
         return rec, (f"(relative error {worst:.2e} > {rtol:g})" if worst > rtol else None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,14 +69,20 @@ def _at_least_opset(model: onnx.ModelProto, version: int) -> tuple[onnx.ModelPro
                         f"({str(e).splitlines()[0][:150] if str(e) else type(e).__name__})") from e
 
 
-def nonfinite_weights(model: onnx.ModelProto) -> list[str]:
+def nonfinite_weights(model: onnx.ModelProto | str | os.PathLike) -> list[str]:
+    """Float initializers holding NaN or Inf; a model file's weights are read one tensor at a time."""
     import numpy as np
     from onnx import numpy_helper
 
+    base = None
+    if isinstance(model, (str, os.PathLike)):
+        from ..ir.modelio import load_graph
+
+        base, model = str(Path(model).parent), load_graph(model)
     out = []
     for t in model.graph.initializer:
         if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
-            if not np.all(np.isfinite(numpy_helper.to_array(t))):
+            if not np.all(np.isfinite(numpy_helper.to_array(t, base_dir=base or ""))):
                 out.append(t.name)
     return out
 
@@ -122,33 +129,39 @@ def _float_compute_ops(model: onnx.ModelProto) -> dict[str, int]:
     return c
 
 
-def quantize_qdq(model: onnx.ModelProto, reader, fmt: Int8Format, *, nodes_to_quantize: Sequence[str] | None = None,
-                 exclude_globs: Sequence[str] = (), int16_tensors: Sequence[str] = (),
-                 include_globs: Sequence[str] | None = None, progress=None) -> tuple[onnx.ModelProto, dict]:
-    """`model` quantized to INT8 QDQ (format `fmt`), calibrated (MinMax) on the batches of `reader` (an ORT
+def quantize_qdq(model: onnx.ModelProto | str | os.PathLike, reader, fmt: Int8Format, *,
+                 nodes_to_quantize: Sequence[str] | None = None, exclude_globs: Sequence[str] = (),
+                 int16_tensors: Sequence[str] = (), include_globs: Sequence[str] | None = None,
+                 progress=None) -> tuple[onnx.ModelProto, dict]:
+    """`model` (a ModelProto, or the path of a model file: then its weights are never loaded into Python)
+    quantized to INT8 QDQ (format `fmt`), calibrated (MinMax) on the batches of `reader` (an ORT
     CalibrationDataReader). `nodes_to_quantize`: only these nodes (names as in the model; all when None);
     `exclude_globs`: nodes named by these globs, or rewritten from a layer they name, stay float;
     `include_globs`: only the nodes they name (or rewritten from a layer they name) are quantized — every
     other node, elementwise ones included, stays float (mixed precision: a float layer's neighbours too);
     `int16_tensors`: activations quantized with 16-bit QDQ (ORT moves the model to opset 21 for them).
-    Returns the quantized model and facts (opset upgrade, excluded nodes)."""
+    Returns the quantized model and facts (opset upgrade, excluded nodes, calibrated tensors).
+
+    From files, streamed: the model is written once as graph + external data (never serialised whole, the
+    caller's ModelProto untouched); ORT's pre-processing runs from that file (:func:`pre_process`); the ranges
+    come from :func:`..capture.minmax_ranges` (one session, running min/max, bit-identical to ORT's MinMax
+    calibrator) and reach ORT's own QDQ quantizer through its calibration cache, with the per-channel weight
+    scales computed vectorised (:func:`weight_scale_overrides`, bit-identical to ORT's per-channel loop)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from onnxruntime.quantization.calibrate import save_tensors_data
+
+    from ..ir.modelio import load_graph
+    from .capture import minmax_ranges, reader_batches
 
     qt = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-    model, upgraded = _at_least_opset(model, 13)
     with tempfile.TemporaryDirectory(prefix="onnxcompress-q-") as td:
-        src, pre, dst = Path(td) / "in.onnx", Path(td) / "pre.onnx", Path(td) / "out.onnx"
-        big = model.ByteSize() > 2**31 - 1000
-        onnx.save_model(model, src, save_as_external_data=big)
+        src, upgraded = _source_file(model, Path(td))
+        del model
+        pre, dst, cache = Path(td) / "pre.onnx", Path(td) / "out.onnx", Path(td) / "ranges.json"
         if progress:
             progress("INT8: ORT quantization pre-processing")
-        try:
-            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, save_as_external_data=big)
-        except Exception as e:  # noqa: BLE001 - ONNX shape inference fails on some graphs
-            log.info("quant_pre_process without symbolic shapes failed (%s); retrying with them", e)
-            quant_pre_process(str(src), str(pre), skip_symbolic_shape=False, save_as_external_data=big)
-        pre_nodes = onnx.load(str(pre), load_external_data=False).graph.node
+        pre_process(src, pre)
+        pre_nodes = load_graph(pre).graph.node
         excluded = _matching_nodes(pre_nodes, exclude_globs)
         if include_globs is not None:
             nodes_to_quantize = [n for n in _matching_nodes(pre_nodes, include_globs) if n not in excluded]
@@ -157,19 +170,127 @@ def quantize_qdq(model: onnx.ModelProto, reader, fmt: Int8Format, *, nodes_to_qu
             nodes_to_quantize = [n for n in nodes_to_quantize if n in have]
             if not nodes_to_quantize:
                 raise RuntimeError("the nodes to quantize disappeared in quantization pre-processing")
+        del pre_nodes
         if progress:
-            progress("INT8: calibrating")
+            progress("INT8: calibrating (streamed min/max)")
+        ranges = minmax_ranges(pre, reader_batches(reader))
+        save_tensors_data(ranges, cache)
         extra = {"ActivationSymmetric": fmt.symmetric_activations, "WeightSymmetric": True}
+        overrides = {}
+        if fmt.per_channel and fmt.weights == "int8":
+            overrides = weight_scale_overrides(pre, skip_nodes=set(excluded), only_nodes=nodes_to_quantize)
         if int16_tensors:
             q16 = QuantType.QUInt16 if fmt.activations == "uint8" else QuantType.QInt16
-            extra["TensorQuantOverrides"] = {t: [{"quant_type": q16}] for t in int16_tensors}
-        quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=fmt.per_channel,
+            overrides.update({t: [{"quant_type": q16}] for t in int16_tensors})
+        if overrides:
+            extra["TensorQuantOverrides"] = overrides
+        if progress:
+            progress("INT8: ORT QDQ quantizer")
+        quantize_static(str(pre), str(dst), None, quant_format=QuantFormat.QDQ, per_channel=fmt.per_channel,
                         activation_type=qt[fmt.activations], weight_type=qt[fmt.weights],
-                        calibrate_method=CalibrationMethod.MinMax,
+                        calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=str(cache),
                         nodes_to_quantize=list(nodes_to_quantize) if nodes_to_quantize is not None else None,
-                        nodes_to_exclude=excluded or None, use_external_data_format=big, extra_options=extra)
+                        nodes_to_exclude=excluded or None, use_external_data_format=True, extra_options=extra)
         out = onnx.load(str(dst))
-    return out, {"opset_upgraded_to": 13 if upgraded else None, "excluded": excluded}
+    return out, {"opset_upgraded_to": 13 if upgraded else None, "excluded": excluded,
+                 "calibrated_tensors": len(ranges.data)}
+
+
+def _source_file(model, folder: Path) -> tuple[Path, bool]:
+    """The model as a file (graph + external data) at opset >= 13: a path is used as it is unless its opset is
+    older (then it is loaded and converted); a ModelProto is written without being modified."""
+    from ..ir.modelio import load_graph, write_external
+
+    if isinstance(model, (str, os.PathLike)):
+        if _opset(load_graph(model)) >= 13:
+            return Path(model), False
+        model = onnx.load(str(model))
+    model, upgraded = _at_least_opset(model, 13)
+    return write_external(model, folder / "in.onnx"), upgraded
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+
+
+def pre_process(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """ORT's ``quant_pre_process(src, dst, skip_symbolic_shape=True)`` done from files, without loading the
+    weights into Python (ORT's own function loads the whole model while ORT optimises it: 2.0 s and +146 MB
+    vs 0.2 s and +13 MB on ResNet-50): ORT_ENABLE_BASIC optimisation writing its weights to an external file,
+    ONNX shape inference on the file, ORT's pre-process metadata. Opset <= 10 models, and models ONNX shape
+    inference fails on, go through ORT's own function (the latter with symbolic shape inference)."""
+    import onnxruntime as ort
+    from onnxruntime.quantization.quant_utils import add_pre_process_metadata
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from ..ir.modelio import load_graph
+
+    src, dst = Path(src), Path(dst)
+    if _opset(load_graph(src)) <= 10:
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=True, save_as_external_data=True)
+        return dst
+    opt, inferred = dst.with_name(dst.stem + ".opt.onnx"), dst.with_name(dst.stem + ".inferred.onnx")
+    try:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.optimized_model_filepath = str(opt)
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", dst.name + ".data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+        onnx.shape_inference.infer_shapes_path(str(opt), str(inferred))
+        m = load_graph(inferred)
+        add_pre_process_metadata(m)
+        onnx.save_model(m, str(dst))
+    except Exception as e:  # noqa: BLE001 - ONNX shape inference fails on some graphs
+        log.info("pre-processing without symbolic shapes failed (%s); retrying with them", e)
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=False, save_as_external_data=True,
+                          all_tensors_to_one_file=True)
+    finally:
+        opt.unlink(missing_ok=True)
+        inferred.unlink(missing_ok=True)
+    return dst
+
+
+def weight_scale_overrides(model_path: str | os.PathLike, skip_nodes: set[str] = frozenset(),
+                           only_nodes: Sequence[str] | None = None) -> dict[str, list[dict]]:
+    """Per-channel scales of the float32 Conv weights of the model file at `model_path`, as ORT's QDQ quantizer
+    computes them for symmetric int8 per-channel weights (``compute_data_quant_params`` per output channel:
+    absmax over the channel with 0 included, scale = float64(2 absmax) / 254 stored as float32, 1.0 where
+    that is below float32's tiny, zero point 0), computed with one vectorised reduction per weight and handed
+    to ORT as ``TensorQuantOverrides`` ({"axis": 0, "scale", "zero_point"} per channel): ORT then skips its
+    Python loop over the channels (35 k calls on ResNet-50). Weights read one at a time from their file;
+    weights shared by several nodes, and nodes in `skip_nodes` or outside `only_nodes`, are left to ORT."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    from ..ir.modelio import load_graph
+
+    model_path = Path(model_path)
+    g = load_graph(model_path).graph
+    inits = {t.name: t for t in g.initializer}
+    uses: dict[str, int] = {}
+    for n in g.node:
+        for x in n.input:
+            uses[x] = uses.get(x, 0) + 1
+    only = set(only_nodes) if only_nodes is not None else None
+    tiny = float(np.finfo(np.float32).tiny)
+    out: dict[str, list[dict]] = {}
+    for n in g.node:
+        if n.op_type != "Conv" or len(n.input) < 2 or n.name in skip_nodes or (only is not None and n.name not in only):
+            continue
+        t = inits.get(n.input[1])
+        if t is None or t.data_type != onnx.TensorProto.FLOAT or len(t.dims) < 3 or uses.get(t.name) != 1 \
+                or t.name in out:
+            continue
+        w = numpy_helper.to_array(t, base_dir=str(model_path.parent))
+        absmax = np.abs(w.reshape(w.shape[0], -1)).max(axis=1) if w.size else np.zeros(w.shape[0], np.float32)
+        a64 = absmax.astype(np.float64)
+        s64 = (a64 - (-a64)) / (127.0 - (-127.0))
+        scale = np.where(s64 < tiny, 1.0, s64).astype(np.float32)
+        out[t.name] = [{"axis": 0, "scale": float(scale[0]), "zero_point": 0}] + \
+            [{"scale": float(v), "zero_point": 0} for v in scale[1:]]
+    return out
 
 
 def quantized_summary(model: onnx.ModelProto) -> dict:

@@ -2,6 +2,9 @@
 feeds for verification and timing."""
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -27,29 +30,73 @@ def provider_status(provider: str) -> str | None:
     return None
 
 
-def make_session(model: onnx.ModelProto | str, provider: str = "cpu", threads: int | None = None,
+#: ModelProtos above this size reach ORT as a graph file + page-aligned external data (ORT maps the weights)
+#: instead of a serialised copy (bytes in Python + ORT's own copy); over 2 GB there is no other way
+FILE_SESSION_BYTES = 8 * 2**20
+
+
+def make_session(model: onnx.ModelProto | str | os.PathLike, provider: str = "cpu", threads: int | None = None,
                  optimize: bool = True, lean: bool = False):
-    """An ORT session. `lean`: for one-off checks (verification, fidelity), not timing: no weight
-    pre-packing and no memory arena, which keeps peak memory near one copy of the weights."""
+    """An ORT session, from a path or a ModelProto. `lean`: for one-off checks (verification, fidelity), not
+    timing: no weight pre-packing and no memory arena, which keeps peak memory near one copy of the weights.
+    Multi-thread sessions do not spin their pool between runs: sessions timed in turn would otherwise steal
+    the cores from each other (at 2 threads on 2 cores, models timed right after another came out up to 1.4x
+    slower, in list order)."""
     import onnxruntime as ort
 
     why = provider_status(provider)
     if why:
         raise ProviderUnavailable(why)
+    so = session_options(threads, optimize, lean)
+    providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
+    if isinstance(model, (str, os.PathLike)):
+        return ort.InferenceSession(os.fspath(model), so, providers=providers)
+    if _proto_bytes(model) <= FILE_SESSION_BYTES:
+        return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
+    from ..ir.modelio import write_external
+
+    with tempfile.TemporaryDirectory(prefix="onnxcompress-s-") as td:   # the weights are mapped or read by now
+        return ort.InferenceSession(str(write_external(model, Path(td) / "m.onnx")), so, providers=providers)
+
+
+def session_options(threads: int | None = None, optimize: bool = True, lean: bool = False):
+    """The SessionOptions of :func:`make_session`."""
+    import onnxruntime as ort
+
     so = ort.SessionOptions()
     so.log_severity_level = 4
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+    if threads != 1:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     if lean:
         so.enable_cpu_mem_arena = False
         so.enable_mem_pattern = False
         so.add_session_config_entry("session.disable_prepacking", "1")
-    data = model if isinstance(model, str) else model.SerializeToString()
-    providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
-    return ort.InferenceSession(data, so, providers=providers)
+    return so
+
+
+def _proto_bytes(model: onnx.ModelProto) -> int:
+    try:
+        return model.ByteSize()
+    except Exception:   # noqa: BLE001 - over 2 GB protobuf cannot even size it
+        return 2**31
+
+
+def release_memory() -> None:
+    """Give freed heap back to the OS after dropping a large object (an ORT session, a model copy): glibc
+    keeps it otherwise, and peak RSS then grows with every stage."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def random_feeds(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], seed: int = 0,

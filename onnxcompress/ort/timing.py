@@ -9,6 +9,7 @@ A provider that cannot run here (no onnxruntime-gpu, no GPU) is listed as skippe
 """
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -137,11 +138,12 @@ def _load(m) -> tuple[str, onnx.ModelProto | str]:
 def bench(models: Sequence, providers: Sequence[str] = ("cpu",), threads: int | None = 1, warmup: int = 5,
           runs: int = 20, input_shape: dict[str, Sequence[int]] | None = None,
           names: Sequence[str] | None = None, seed: int = 0, clock: Clock = time.perf_counter,
-          optimize: bool = True) -> BenchReport:
+          optimize: bool = True, cache: dict | None = None) -> BenchReport:
     """Median / p90 latency of each model (paths or ModelProtos) on each provider, interleaved.
 
     All models get the same random feeds when their inputs agree (shapes from the first model, dynamic
-    batch = 1 unless `input_shape` pins it). `threads`: ORT intra-op threads (None = ORT's default)."""
+    batch = 1 unless `input_shape` pins it). `threads`: ORT intra-op threads (None = ORT's default).
+    `cache`: a dict kept by the caller across calls with the same models: their sessions are made once."""
     if not models:
         raise ValueError("bench needs at least one model")
     loaded = [_load(m) for m in models]
@@ -173,7 +175,12 @@ def bench(models: Sequence, providers: Sequence[str] = ("cpu",), threads: int | 
         for label, (_, m) in zip(labels, loaded):
             t = ModelTiming(name=label)
             try:
-                s = make_session(m, prov, threads=threads, optimize=optimize)
+                key = (prov, labels.index(label), threads, optimize) if cache is not None else None
+                s = cache.get(key) if key is not None else None
+                if s is None:
+                    s = make_session(m, prov, threads=threads, optimize=optimize)
+                    if key is not None:
+                        cache[key] = s
                 if fell_back(s, prov):
                     s = None
                     t.error = (f"the {prov} session fell back to CPUExecutionProvider (its provider library "
@@ -311,8 +318,9 @@ def compare_latency(original, candidate, provider: str = "cpu", input_shape=None
     """Median latency of `original` and `candidate`, interleaved in one process, enough runs for about
     `target_seconds`; `slower` only when the candidate is over SLOWER_MARGIN x the original in two
     measurements (a borderline first verdict is measured again)."""
+    made: dict = {}   # the two sessions serve every measurement below
     rep = bench([original, candidate], [provider], threads=threads, warmup=2, runs=3, input_shape=input_shape,
-                names=["input", "result"], seed=seed)
+                names=["input", "result"], seed=seed, cache=made)
     pb = rep.providers[0]
     if pb.skipped or any(m.error for m in pb.models):
         return {"provider": provider, "skipped": pb.skipped or next(m.error for m in pb.models if m.error)}
@@ -321,7 +329,7 @@ def compare_latency(original, candidate, provider: str = "cpu", input_shape=None
     verdicts = []
     for _ in range(2):
         rep = bench([original, candidate], [provider], threads=threads, warmup=2, runs=runs,
-                    input_shape=input_shape, names=["input", "result"], seed=seed)
+                    input_shape=input_shape, names=["input", "result"], seed=seed, cache=made)
         a, b = rep.providers[0].models
         verdicts.append((a.median_ms, b.median_ms))
         if b.median_ms <= a.median_ms * SLOWER_MARGIN or b.median_ms > a.median_ms * 1.25:
@@ -333,3 +341,132 @@ def compare_latency(original, candidate, provider: str = "cpu", input_shape=None
             "slower": all(b > a * SLOWER_MARGIN for a, b in verdicts),
             "method": "interleaved runs in one process, median; slower = over "
                       f"{SLOWER_MARGIN:g}x the input in every measurement"}
+
+
+# ------------------------------------------------------------------------------------------ per-node profile
+_TOKEN_RE = re.compile(r"_token_\d+$")
+
+
+@dataclass
+class NodeProfile:
+    """ORT profiler figures of one model per executed node (after ORT's fusions; microseconds): the median and
+    the fastest kernel time over the profiled runs (on a loaded machine use the fastest: preemption only adds)."""
+    path: str
+    threads: int
+    runs: int
+    run_us: float                                                 # median wall time of a whole (profiled) run
+    node_us: dict[str, float] = field(default_factory=dict)
+    node_min_us: dict[str, float] = field(default_factory=dict)
+    node_op: dict[str, str] = field(default_factory=dict)
+
+    def times(self, stat: str = "min") -> dict[str, float]:
+        return self.node_min_us if stat == "min" else self.node_us
+
+    def by_op(self, stat: str = "min") -> dict[str, tuple[float, int]]:
+        """op type -> (microseconds per run, nodes), slowest first."""
+        acc: dict[str, list] = {}
+        for n, us in self.times(stat).items():
+            a = acc.setdefault(self.node_op[n], [0.0, 0])
+            a[0] += us
+            a[1] += 1
+        return {k: (v[0], v[1]) for k, v in sorted(acc.items(), key=lambda kv: -kv[1][0])}
+
+    def kernel_us(self, stat: str = "min") -> float:
+        return float(sum(self.times(stat).values()))
+
+
+def profile_nodes(path, threads: int = 1, runs: int = 10, warmup: int = 3, feeds: dict | None = None) -> NodeProfile:
+    """Per-node kernel times of the model file at `path` from ORT's profiler over `runs` runs (after `warmup`).
+    The profiler costs a few microseconds per node and run: compare whole-model times un-profiled (`bench`)."""
+    import json
+    import os
+    import tempfile
+
+    import onnxruntime as ort
+
+    from .session import session_options
+
+    if feeds is None:
+        feeds = model_feeds(onnx.load(str(path), load_external_data=False))[0]
+    so = session_options(threads)
+    so.enable_profiling = True
+    so.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"onnxcompress-prof-{os.getpid()}")
+    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    for _ in range(warmup):
+        s.run(None, feeds)
+    walls = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        s.run(None, feeds)
+        walls.append((time.perf_counter() - t0) * 1e6)
+    f = s.end_profiling()
+    try:
+        with open(f) as fh:
+            events = json.load(fh)
+    finally:
+        os.unlink(f)
+    per: dict[str, list[float]] = {}
+    ops: dict[str, str] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            n = e["name"][: -len("_kernel_time")]
+            per.setdefault(n, []).append(float(e["dur"]))
+            ops[n] = e["args"].get("op_name", "?")
+    prof = NodeProfile(path=str(path), threads=threads, runs=runs, run_us=statistics.median(walls))
+    for n, ts in per.items():
+        ts = ts[-runs:]          # the warm-up runs are profiled too
+        prof.node_us[n] = float(statistics.median(ts))
+        prof.node_min_us[n] = float(min(ts))
+        prof.node_op[n] = ops[n]
+    return prof
+
+
+def node_macs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, int]:
+    """MACs of each Conv / Gemm / MatMul node (by name) at static input shapes; weights behind a
+    DequantizeLinear (QDQ models) are followed to their initializer. Shapes from a weightless copy."""
+    from ..ir.shapes import infer_value_shapes
+
+    vs = infer_value_shapes(model, shapes)
+    inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    prod = {o: n for n in model.graph.node for o in n.output}
+
+    def wshape(name):
+        if name in inits:
+            return inits[name]
+        p = prod.get(name)
+        if p is not None and p.op_type == "DequantizeLinear":
+            return inits.get(p.input[0])
+        return vs.get(name)
+
+    out = {}
+    for n in model.graph.node:
+        if n.op_type == "Conv":
+            ws, os_ = wshape(n.input[1]), vs.get(n.output[0])
+            if ws and os_:
+                out[n.name] = int(np.prod(ws)) * int(np.prod(os_[2:])) * int(os_[0])
+        elif n.op_type in ("Gemm", "MatMul"):
+            a, o = vs.get(n.input[0]), vs.get(n.output[0])
+            if a and o:
+                trans_a = next((x.i for x in n.attribute if x.name == "transA"), 0)
+                k = a[0] if (n.op_type == "Gemm" and trans_a) else a[-1]
+                out[n.name] = int(np.prod(o)) * int(k)
+    return out
+
+
+def executed_layer(node_name: str, layers) -> str | None:
+    """The layer an executed node belongs to: its own name (minus ORT's ``_token_N``) when that is a layer, else
+    the longest ``/``-prefix that is one (chain factors are named ``<layer>/<factor>``)."""
+    base = _TOKEN_RE.sub("", node_name)
+    if base in layers:
+        return base
+    parts = base.split("/")
+    for k in range(len(parts) - 1, 0, -1):
+        cand = "/".join(parts[:k])
+        if cand in layers:
+            return cand
+    return None
+
+
+def factor_of(node_name: str) -> str:
+    """``/a/Conv/t2_core_token_17`` -> ``t2_core``: the node's last path part without ORT's token."""
+    return _TOKEN_RE.sub("", node_name).rsplit("/", 1)[-1]

@@ -3,12 +3,14 @@ weights, activations in the provider's fast layout. Nodes that earlier passes as
 with a high cancellation index) or in 16 bits arrive through the pass context's hand-offs."""
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import onnx
 
 from ..errors import UserError
 from ..ir.counts import has_quantized_ops
+from ..ir.modelio import load_graph
 from ..ort.quantize import Int8Format, nonfinite_weights, quantize_qdq, quantized_summary
 from .base import LayerRecord, Pass, PassContext, PassResult
 
@@ -25,9 +27,13 @@ class QuantizeInt8(Pass):
         self.include_globs = None if include_globs is None else list(include_globs)
         self.calibration_label = calibration_label
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext | None = None) -> PassResult:
+    #: the PassManager may hand this pass the path of a file holding its input model (graph + external data)
+    #: instead of the ModelProto, so that no float model stays in memory while ORT quantizes its own copy
+    accepts_file = True
+
+    def run(self, model: onnx.ModelProto | str, ctx: PassContext | None = None) -> PassResult:
         ctx = ctx or PassContext()
-        q = has_quantized_ops(model)
+        q = has_quantized_ops(load_graph(model) if isinstance(model, (str, os.PathLike)) else model)
         if q:
             raise UserError(f"model is already quantized (contains {', '.join(q)}): refusing to re-quantize; "
                             f"use --quantize none")

@@ -115,7 +115,7 @@ class QAFPass(Pass):
         idx = {t.name: i for i, t in enumerate(m.graph.initializer)}
         depthwise = {n.name for n in m.graph.node if n.op_type == "Conv" and
                      next((a.i for a in n.attribute if a.name == "group"), 1) > 1}
-        records, codes = [], []
+        records, codes, fitted = [], [], []
         for layer, kind, wnames, nodes in find_chains(m):
             rec = LayerRecord(name=layer, op="Conv", method=f"qaf-{kind}")
             records.append(rec)
@@ -140,6 +140,7 @@ class QAFPass(Pass):
                     codes.append((wname, g.bits, q, s))
             rec.weight_rel_error = fit.rel_error_qaf
             rec.new_nodes = list(nodes)
+            fitted += list(nodes)
             rec.extra.update({"qaf": fit.to_dict(), "qaf_target": target, "bits": self.grid.bits,
                               "weight_rel_error_before": fit.rel_error_rtn,
                               "weight_rel_error_float": fit.rel_error_float})
@@ -147,7 +148,9 @@ class QAFPass(Pass):
         return PassResult(model=m if modified else model, modified=modified, layers=records, lossless=False,
                           info={"qaf": {"bits": self.grid.bits, "target": self.target,
                                         "layers": sum(r.skipped is None for r in records)}},
-                          handoff={"qaf_codes": codes} if codes else {})
+                          # the fitted weights sit on their storage grid: later rewrites (Fuse) leave these nodes alone
+                          handoff={**({"qaf_codes": codes} if codes else {}), **({"qaf_nodes": fitted} if fitted
+                                                                                    else {})})
 
 
 def qaf_summary(rec: LayerRecord) -> dict:

@@ -7,6 +7,7 @@ from . import cp, svd, tucker2
 from .base import Method
 from .fold_bn import FoldBatchNorm
 from .fold_constants import FoldConstants
+from .fuse import Fuse
 
 #: factorization methods, in pass order (k×k methods before SVD: chains are named and never re-factorized)
 METHODS: dict[str, Method] = {m.name: m for m in (tucker2.METHOD, cp.CP4, cp.CP3, svd.METHOD)}
@@ -14,6 +15,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (tucker2.METHOD, cp.CP4, cp.CP3
 #: lossless clean-up passes run before planning (the planner sees the model they produce): constant sub-graphs
 #: first (today's exporters build conv biases and shapes from constants), then BatchNorm into the convs
 CLEANUP = (FoldConstants, FoldBatchNorm)
+
+#: lossless passes run after the decomposition passes, before quantization: linear neighbours the chains leave
+#: behind merged (issue 16); each is built with (input shapes, globs of nodes to leave alone)
+FUSION = (Fuse,)
 
 
 def cost_models() -> dict:

@@ -98,7 +98,7 @@ class SVDPass(Pass):
         ctx = ctx or PassContext()
         shapes = infer_value_shapes(model, self.input_shapes)
         g = import_graph(model)
-        cands = linear_infos(g, shapes, self.kinds)
+        cands = linear_infos(g, shapes, self.kinds, lazy=True)
         decisions = [(node, info, info.problem or self.ranks(info)) for node, info in cands]
         todo = [info for _, info, d in decisions if not isinstance(d, str)]
         if self.sigma_provider is not None and hasattr(self.sigma_provider, "prepare") and todo:

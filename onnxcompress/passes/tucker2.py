@@ -126,7 +126,7 @@ class Tucker2Pass(Pass):
         shapes = infer_value_shapes(model, self.input_shapes)
         g = import_graph(model)
         convs = [n for n in g.nodes if n.op == "Conv" and not is_chain_node(n.name)]
-        infos = [conv_info(node, idx, shapes) for idx, node in enumerate(convs)]
+        infos = [conv_info(node, idx, shapes, lazy=True) for idx, node in enumerate(convs)]
         decisions = []
         for info in infos:
             why = COST.takes(info)

@@ -9,10 +9,11 @@ layers share one global policy: `--rank vbmf[:w]` (capped by the budget when one
 R), `later-first` (layers from the end of the network until the free layers together meet R) or
 `sensitivity` (a multiple-choice knapsack over measured per-layer curves). A recipe may mix methods per layer.
 
-Then alignment (`rank_multiple`, 8 for the CPU provider): each planned rank tuple is replaced by the aligned
-option (each rank the multiple just below or above) whose cost is closest to the planned cost, never more
-than one alignment step below a planned rank and never more than 1.25x the planned layer ratio; a layer with
-no such option is kept, with the reason. Explicit per-layer ranks are used as written.
+Then alignment (`rank_multiple`; for the CPU provider 16, else 8 where no multiple of 16 fits: CPU_MULTIPLE): each
+planned rank tuple is replaced by the aligned option (each rank the multiple just below or above) whose cost is
+closest to the planned cost, never more than one alignment step below a planned rank and never more than 1.25x
+the planned layer ratio; a layer with no such option is kept, with the reason. Explicit per-layer ranks are used
+as written.
 """
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ class Planner:
         self.recipe = recipe.validate()
         self.methods = dict(methods)
         m = recipe.rank_multiple
-        self.multiple = int(m if m is not None else (8 if (recipe.providers or ["cpu"])[0] == "cpu" else 1))
+        self.multiple = Multiple(m) if m is not None else default_multiple((recipe.providers or ["cpu"])[0])
 
     # ------------------------------------------------------------------------------------------ methods
     def candidate_methods(self, info) -> tuple[list[str], str | None]:
@@ -337,19 +338,49 @@ class Planner:
                 lp.ranks = pick
 
 
+class Multiple(int):
+    """A rank multiple (an int) with an optional `fallback`: the multiple `align` uses for a layer where no rank
+    aligned to the first one fits (e.g. 16, else 8)."""
+
+    def __new__(cls, value: int, fallback: int | None = None):
+        obj = super().__new__(cls, int(value))
+        obj.fallback = int(fallback) if fallback and fallback != int(value) else None
+        return obj
+
+    def __repr__(self) -> str:
+        return f"{int(self)}" + (f" (else {self.fallback})" if self.fallback else "")
+
+
+#: ORT CPU's integer kernels (MLAS u8s8, AVX-512 VNNI here) time a conv as a staircase in its output channels with
+#: steps at multiples of 16 (benchmarks/bench_int8_align.py): ranks on multiples of 16 — never 16k+8, and never
+#: below 16 where 16 still shrinks the layer — else, where no multiple of 16 fits the plan (small layers: 32-64
+#: channels), multiples of 8 (benchmarks/profile_ops.py --align, the digits CNN of benchmarks/bench_int8_align.py)
+CPU_MULTIPLE = Multiple(16, fallback=8)
+
+
+def default_multiple(provider: str) -> Multiple:
+    """The rank multiple a provider's kernels want when the recipe names none."""
+    return CPU_MULTIPLE if provider == "cpu" else Multiple(1)
+
+
 def align(c: CostModel, info, ranks: Ranks, multiple: int, target: str = "params",
           asked_ratio: float | None = None) -> tuple[Ranks | None, str | None]:
     """The aligned ranks closest in cost to `ranks` (each rank the multiple just below or above), that still
-    shrink the layer and stay within MAX_ALIGN_OVERSHOOT x the asked ratio (else of the planned one); (None,
-    why) when no option fits."""
+    shrink the layer and stay within MAX_ALIGN_OVERSHOOT x the asked ratio (else of the planned one); when none
+    fits (or only ranks no multiple reaches below their limit, which aligned_options keeps as they are) and
+    `multiple` has a `fallback` (a Multiple), the result for the fallback multiple; (None, why) when no option
+    fits."""
     tgt = target if c.cost_known(info, target) else "params"
     goal = c.cost(info, ranks, tgt)
     c0 = c.cost(info, None, tgt)
     floor = c0 / (MAX_ALIGN_OVERSHOOT * asked_ratio) if asked_ratio else goal / MAX_ALIGN_OVERSHOOT
-    opts = c.aligned_options(info, ranks, multiple)
+    opts = c.aligned_options(info, ranks, int(multiple))
     pick = closest_by_cost(c, info, opts, goal, tgt, ok=lambda rr: floor <= c.cost(info, rr, tgt) < c0)
+    fallback = getattr(multiple, "fallback", None)
+    if fallback and (pick is None or any(r % int(multiple) for r in pick)):   # none fits, or only unaligned ones
+        return align(c, info, ranks, Multiple(fallback), target, asked_ratio)
     if pick is None:
-        return None, _misaligned(c, info, ranks, opts, multiple, tgt, c0, goal, asked_ratio)
+        return None, _misaligned(c, info, ranks, opts, int(multiple), tgt, c0, goal, asked_ratio)
     return pick, None
 
 
