@@ -31,7 +31,7 @@ def test_resnet18_tucker2_int8_valid_and_on_target(r18_result):
     assert stem["skipped"]
     # passes verified
     names = [p["name"] for p in rep["passes"]]
-    assert names == ["FoldConstants", "FoldBatchNorm", "Tucker2", "SVD", "QuantizeInt8"]
+    assert names == ["FoldConstants", "FoldBatchNorm", "Tucker2", "SVD", "Fuse", "QuantizeInt8"]
     assert all(p["verified"].get("ort_runs") for p in rep["passes"] if p["modified"])
     for k in ("params_before", "params_after", "macs_before", "macs_after", "bytes_before", "bytes_after"):
         assert rep["model"][k] > 0
@@ -45,7 +45,10 @@ def test_resnet18_qdq_around_every_conv(r18_result):
     m = r18_result.model
     producers = {o: n for n in m.graph.node for o in n.output}
     convs = [n for n in m.graph.node if n.op_type == "Conv"]
-    assert len(convs) == 16 * 3 + 1 + 3 * 2  # chains + stem + downsample 1x1s (SVD: two 1x1 each)
+    fuse = next(p for p in r18_result.report.to_dict()["passes"] if p["name"] == "Fuse")
+    merged = 3 if fuse["modified"] else 0    # each downsampling block's two last 1x1s + Add -> Concat + one 1x1
+    assert len(convs) == 16 * 3 + 1 + 3 * 2 - merged  # chains + stem + downsample 1x1s (SVD: two 1x1 each)
+    assert sum(n.op_type == "Concat" for n in m.graph.node) == merged
     for c in convs:
         for i in c.input[:2]:
             assert producers[i].op_type == "DequantizeLinear", (c.name, i)

@@ -174,7 +174,7 @@ def save_model_atomic(model: onnx.ModelProto, out: str | os.PathLike, external: 
             fd_data, tmp_data = create_temp(parent, data_name)   # onnx would create it 0600
             os.close(fd_data)
             tmp_data = Path(tmp_data)
-            write_external(model, tmp, data_name=data_name, data_path=tmp_data)
+            write_external(model, tmp, data_name=data_name, data_path=tmp_data, align=1)   # as compact as before
             os.replace(tmp_data, parent / data_name)
             tmp_data = None
         else:
@@ -260,13 +260,14 @@ def _raw_bytes(t: onnx.TensorProto) -> bytes:
 
 
 def write_external(model: onnx.ModelProto, path: str | os.PathLike, data_name: str | None = None,
-                   min_bytes: int = 1024, data_path: str | os.PathLike | None = None) -> Path:
+                   min_bytes: int = 1024, data_path: str | os.PathLike | None = None, align: int = PAGE) -> Path:
     """`model` written as a graph file at `path` plus one external data file beside it (`data_name`, default
     `<name>.data`) holding every initializer of at least `min_bytes` at page-aligned offsets (ORT then maps
     them). Tensor by tensor: no serialised copy of the whole model is made, any size works (> 2 GB), and
     `model` is not modified (onnx.save_model(save_as_external_data=True) clears the caller's raw_data).
     Tensors already external (a model loaded without its weights) are refused. `data_path`: write the data
-    there instead (e.g. a temp file renamed to `data_name` later); the graph still names `data_name`."""
+    there instead (e.g. a temp file renamed to `data_name` later); the graph still names `data_name`. `align`:
+    the offsets' alignment (1: packed, the smallest file)."""
     path = Path(path)
     data_name = data_name or path.name + ".data"
     m = weightless_copy(model)
@@ -279,7 +280,7 @@ def write_external(model: onnx.ModelProto, path: str | os.PathLike, data_name: s
             if len(b) < min_bytes:
                 nt.CopyFrom(t)
                 continue
-            pad = (-off) % PAGE
+            pad = (-off) % max(int(align), 1)
             if pad:
                 f.write(b"\0" * pad)
                 off += pad
