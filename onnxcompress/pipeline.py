@@ -267,6 +267,8 @@ class Run:
                          seed=r.seed, keep_models=r.min_speedup is not None or quant == "int4",
                          baseline=getattr(self, "baseline", None))
         passes = self.passes(plan, clean, quant, float_layers, int4_layers, int8_layers)
+        # INT4's cost is measured against the model entering its pass: with no pass before it, that is `clean`
+        self.int4_input = clean if quant == "int4" else None
         box = [clean]   # the passes' input is referenced by the manager only (the caller may still hold it)
         del clean
         out = pm.run(box.pop(), passes)
@@ -291,7 +293,7 @@ class Run:
                 report.warnings.append(w)
         if out and r.qaf is not False:
             out += self.qaf_passes(model, quant, list(float_layers), list(int4_layers))
-        if out:   # linear neighbours of the chains merged (lossless) before quantization; QAF's chains stay
+        if out and r.fuse:   # linear neighbours of the chains merged (lossless) before quantization; QAF's chains stay
             from .ir.names import exact_globs
 
             keep = [k for k, o in r.layers.items() if o.precision == "float"] + exact_globs(float_layers)
@@ -464,7 +466,8 @@ class Run:
         before = None
         for i, (p, _) in enumerate(built.results):
             if p.name == "QuantizeInt4":
-                before = built.results[i - 1][1].model if i else self.clean
+                before = built.results[i - 1][1].model if i else getattr(self, "int4_input", None)
+        self.int4_input = None
         q = self.report.quantization["int4"]
         if before is None:
             q["measured"] = {"skipped": "the model entering the INT4 pass was not kept"}

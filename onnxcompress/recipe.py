@@ -45,6 +45,7 @@ class Recipe:
     int8_weights: str | None = None
     # quantization-aware factorization (passes/qaf.py): None = on whenever a factorized layer is quantized
     qaf: bool | None = None
+    fuse: bool = True                    # merge the chains' linear neighbours before quantization (passes/fuse.py)
     # INT4 (--quantize int4; passes/int4.py): a size format on ORT CPU
     int4_activations: str = "float"      # float (weight-only, no calibration) | int8 (the provider's INT8 layout)
     int4_block_size: int = 32            # MatMulNBits block along K (power of two >= 16)

@@ -64,6 +64,8 @@ OPTIONS = [
     ("quantization", ["--qaf"], "qaf", "flag", "quantization-aware factorization: fit factorized chains on the "
      "INT8/INT4 grid they are stored on (default: on whenever a factorized layer is quantized)"),
     ("quantization", ["--no-qaf"], "qaf", ("no", "--qaf"), "no QAF: the chains' weights are rounded to nearest"),
+    ("quantization", ["--no-fuse"], "fuse", ("no", None), "keep the factor chains as written: no merging of "
+     "their linear neighbours (1x1 into 1x1, parallel 1x1 + Add, per-channel Mul/Add) before quantization"),
     ("quantization", ["--int4-activations"], "int4_activations", "str", "--quantize int4: float (weight-only, no "
      "calibration needed) | int8 (int4 weights with the provider's INT8 activations; needs calibration data)"),
     ("quantization", ["--int4-block-size"], "int4_block_size", "int", "MatMulNBits block size for int4 "

@@ -106,6 +106,16 @@ def _conv_chain(g, base, kind, n, last, ref) -> Chain | str:
         core = g.nodes[base + "/t2_core"]
         W, ri = K, {"in": n.input[1], "core": core.input[1], "out": last.input[1]}
         ranks = (g.inits[n.input[1]].dims[0], g.inits[core.input[1]].dims[0])
+    if any(v not in g.inits for v in ri.values()):
+        return "a factor is not a constant initializer"
+    dims = {k: tuple(g.inits[v].dims) for k, v in ri.items()}
+    want = {"out": (K.shape[0], ranks[-1], 1, 1),
+            "in": (ranks[0], K.shape[1]) + ((1, 1) if kind == "tucker2" else tuple(K.shape[2:]))}
+    if kind == "tucker2":
+        want["core"] = (ranks[1], ranks[0]) + tuple(K.shape[2:])
+    if (any(dims[k] != v for k, v in want.items()) or n.input[0] != ref.input[0]
+            or last.output[0] != ref.output[0]):
+        return "the chain was rewritten after its factorization (fused or renamed): factors do not match the layer"
     if len(last.input) > 2 and last.input[2]:
         ri["bias"] = last.input[2]
     return Chain(base, kind, "Conv", n.input[0], last.output[0], "conv", W, b, ranks, ri, conv, True)
