@@ -32,6 +32,8 @@ from .report.report import Gate, Report, data_aware_line, nothing_changed
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
+#: the default QAF fits a chain only where round-to-nearest's weight error exceeds the float chain's by this fraction
+QAF_MIN_HEADROOM = 0.01
 #: without calibration data, a decomposition must keep the output this close on synthetic inputs
 SYNTHETIC_FLOOR_DB = 40.0
 
@@ -359,7 +361,8 @@ class Run:
         if quant not in ("int8", "int4"):
             return []
         r = self.recipe
-        kw = {"target": "chain" if r.data_aware else "auto"}
+        # --qaf: every chain; default: the chains where round-to-nearest leaves >= 1% of weight error to gain
+        kw = {"target": "chain" if r.data_aware else "auto", "min_headroom": 0.0 if r.qaf else QAF_MIN_HEADROOM}
         excl = self.float_globs(float_layers)
         # depthwise factors stay float under weight-only INT4 and int8 under INT4 with INT8 activations
         dw = GRIDS["int8"] if quant == "int8" or r.int4_activations == "int8" else None

@@ -176,7 +176,8 @@ def test_fuse_leaves_qaf_fitted_chains_on_their_grid():
     from onnxcompress import Recipe, optimize
 
     res = optimize(_parallel_1x1_model(), Recipe(method="svd", ratio=2, quantize="int8", calibration="random",
-                                                 calibration_samples=8, skip_first=False, latency_guard=False))
+                                                 calibration_samples=8, skip_first=False, latency_guard=False,
+                                                 qaf=True))
     passes = res.report.to_dict()["passes"]
     names = [p["name"] for p in passes]
     assert names.index("SVD") < names.index("QAF") < names.index("Fuse") < names.index("QuantizeInt8")

@@ -61,8 +61,9 @@ OPTIONS = [
      "activation type: uint8 | int8 (default: uint8 on cpu, int8 on cuda/tensorrt)"),
     ("quantization", ["--int8-weights"], "int8_weights", "str", "override the INT8 weight type: int8 | uint8 "
      "(default: int8)"),
-    ("quantization", ["--qaf"], "qaf", "flag", "quantization-aware factorization: fit factorized chains on the "
-     "INT8/INT4 grid they are stored on (default: on whenever a factorized layer is quantized)"),
+    ("quantization", ["--qaf"], "qaf", "flag", "quantization-aware factorization: fit every factorized chain on the "
+     "INT8/INT4 grid it is stored on (default: on for the quantized chains where round-to-nearest leaves >= 1%% "
+     "of weight error to gain; --qaf fits every one)"),
     ("quantization", ["--no-qaf"], "qaf", ("no", "--qaf"), "no QAF: the chains' weights are rounded to nearest"),
     ("quantization", ["--no-fuse"], "fuse", ("no", None), "keep the factor chains as written: no merging of "
      "their linear neighbours (1x1 into 1x1, parallel 1x1 + Add, per-channel Mul/Add) before quantization"),

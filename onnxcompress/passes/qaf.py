@@ -86,7 +86,8 @@ class QAFPass(Pass):
 
     def __init__(self, grid: Grid = INT8, reference: onnx.ModelProto | Mapping | None = None, *,
                  target: str = "auto", exclude_globs: Iterable[str] = (), layers: Iterable[str] | None = None,
-                 depthwise: Grid | None | str = "same", sweeps: int = 4, max_iter: int = 50):
+                 depthwise: Grid | None | str = "same", sweeps: int = 4, max_iter: int = 50,
+                 min_headroom: float = 0.01):
         if target not in ("auto", "kernel", "chain"):
             raise ValueError(f"unknown QAF target {target!r}")
         self.grid = grid
@@ -97,6 +98,7 @@ class QAFPass(Pass):
         self.exclude_globs = list(exclude_globs)
         self.sweeps = sweeps
         self.max_iter = max_iter
+        self.min_headroom = min_headroom   # decompose.qaf.qaf_chain: no ADMM where it cannot gain this much
 
     def _excluded(self, layer: str, nodes: list[str], float_nodes: set[str]) -> str | None:
         if float_nodes.intersection(nodes):
@@ -132,7 +134,13 @@ class QAFPass(Pass):
                 kern = compose(_mats(ws, kind), kind, _chain_k(ws, kind))
             ctx.note(f"QAF {layer} ({kind}, {self.grid.bits}-bit)")
             grids = [self.depthwise if n in depthwise and w.shape[1] == 1 else self.grid for n, w in zip(nodes, ws)]
-            fit = qaf_chain(kern, ws, kind, grids, sweeps=self.sweeps, max_iter=self.max_iter)
+            fit = qaf_chain(kern, ws, kind, grids, sweeps=self.sweeps, max_iter=self.max_iter,
+                            min_headroom=self.min_headroom)
+            if fit.skipped:    # left for the quantizer's own rounding, which is as good here
+                rec.skipped = fit.skipped
+                rec.extra.update({"weight_rel_error_before": fit.rel_error_rtn,
+                                  "weight_rel_error_float": fit.rel_error_float})
+                continue
             dt = onnx.helper.tensor_dtype_to_np_dtype(m.graph.initializer[idx[wnames[0]]].data_type)
             for wname, w, g, q, s in zip(wnames, fit.weights, grids, fit.codes, fit.scales):
                 m.graph.initializer[idx[wname]].CopyFrom(numpy_helper.from_array(np.asarray(w, dtype=dt), wname))
@@ -157,7 +165,8 @@ def qaf_summary(rec: LayerRecord) -> dict:
     """What the report shows of one QAF'd chain: weight error ‖K − K̂‖/‖K‖ before (round-to-nearest of the
     chain) and after QAF, of the float chain, and the ADMM iterations (total and per factor)."""
     if rec.skipped is not None:
-        return {"skipped": rec.skipped}
+        return {"skipped": rec.skipped, **{k: rec.extra[k] for k in ("weight_rel_error_before",
+                                                                        "weight_rel_error_float") if k in rec.extra}}
     q = rec.extra["qaf"]
     return {"bits": rec.extra["bits"], "target": rec.extra["qaf_target"],
             "weight_rel_error_before": rec.extra["weight_rel_error_before"],
