@@ -139,8 +139,9 @@ def fidelity_sequential(reference, candidate, batches_factory, provider: str = "
     the candidate runs over `batches_factory()` again. Sessions are lean (evaluation, not timing: no weight
     pre-packing, no arena; measured as fast here). Once the kept outputs pass `max_kept_mb`, the remaining
     batches are compared with both sessions alive. Same metrics, same order, as :func:`fidelity`."""
-    from .session import release_memory
+    from .session import model_nbytes, release_memory
 
+    nbytes = max(model_nbytes(m) for m in (reference, candidate))
     ref = make_session(reference, provider, lean=True)
     names = [i.name for i in ref.get_inputs()]
     kept, size, overflow = [], 0, False
@@ -153,7 +154,7 @@ def fidelity_sequential(reference, candidate, batches_factory, provider: str = "
             break
     if not overflow:
         del ref
-        release_memory()
+        release_memory(nbytes)
     new = make_session(candidate, provider, lean=True)
     acc = FidelityAccumulator()
     for i, (inputs, labels) in enumerate(batches_factory()):
@@ -162,5 +163,5 @@ def fidelity_sequential(reference, candidate, batches_factory, provider: str = "
         acc.update(a, new.run(None, feeds)[output_index], labels)
     del new
     ref = None
-    release_memory()
+    release_memory(nbytes)
     return acc.result(provider, data)

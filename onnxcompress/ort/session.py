@@ -86,12 +86,33 @@ def _proto_bytes(model: onnx.ModelProto) -> int:
         return 2**31
 
 
-def release_memory() -> None:
+#: below this many bytes of model, release_memory(nbytes) does nothing: a full gc.collect costs 50-100 ms in a
+#: large Python heap (the PassManager called it ~4 times per pass: 9 of the 12 s of a run of the fuzz corpus of
+#: tiny models), and there is nothing worth giving back
+RELEASE_MIN_BYTES = 32 * 2**20
+
+
+def model_nbytes(model) -> int:
+    """What `release_memory` weighs: the proto's size, or 2**31 when its weights live in external data (the
+    ORT sessions and copies of it are then large whatever the proto says)."""
+    if isinstance(model, (str, os.PathLike)) and os.path.isfile(model) and os.path.getsize(model) < RELEASE_MIN_BYTES:
+        model = onnx.load(str(model), load_external_data=False)    # small file: are its weights beside it?
+    if not isinstance(model, onnx.ModelProto):
+        return 2**31
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        return 2**31
+    return _proto_bytes(model)
+
+
+def release_memory(nbytes: int | None = None) -> None:
     """Give freed heap back to the OS after dropping a large object (an ORT session, a model copy): glibc
-    keeps it otherwise, and peak RSS then grows with every stage."""
+    keeps it otherwise, and peak RSS then grows with every stage. `nbytes`: the size of the model being
+    worked on (`model_nbytes`); under RELEASE_MIN_BYTES nothing is done."""
     import ctypes
     import gc
 
+    if nbytes is not None and nbytes < RELEASE_MIN_BYTES:
+        return
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from ..errors import UserError, VerificationError
-from ..ort.session import make_session, random_feeds, release_memory  # noqa: F401 (re-exported)
+from ..ort.session import make_session, model_nbytes, random_feeds, release_memory  # noqa: F401 (re-exported)
 from .base import Pass, PassContext, PassRecord, PassResult, Progress
 
 LOSSLESS_RTOL = 1e-4
@@ -33,6 +33,7 @@ class PassManager:
         self.results: list[tuple[Pass, PassResult]] = []
         self._feeds = None
         self._prev_out = None
+        self._nbytes: int | None = None
         if baseline is not None:   # another manager's feeds and its last model's outputs: not measured again
             self._feeds, self._prev_out = baseline
 
@@ -54,6 +55,7 @@ class PassManager:
 
         self._files = ModelFiles()
         self._input = (model, input_file) if input_file else None
+        self._nbytes = model_nbytes(model)   # small models: no gc/trim between passes
         try:
             if self.verify and self._feeds is None:
                 self._feeds = random_feeds(model, self.shapes, self.seed)
@@ -87,7 +89,7 @@ class PassManager:
             if not self.keep_models and self.results and self.results[-1][1].model is model:
                 self.results[-1][1].model = None
             model = None
-            release_memory()
+            release_memory(self._nbytes)
         res = p.run(arg, self.ctx)
         seconds = time.perf_counter() - t0
         prev_model = model if res.lossless else None     # only a lossless check compares with the input
@@ -98,7 +100,7 @@ class PassManager:
         model = arg = None
         if not self.keep_models and self.results and self.results[-1][1].model is not res.model:
             self.results[-1][1].model = None
-        release_memory()
+        release_memory(self._nbytes)
         ver: dict = {}
         try:
             if res.modified and self.verify:
@@ -114,7 +116,7 @@ class PassManager:
         self.ctx.absorb(res)
         self.results.append((p, res))
         box.append(res.model)
-        release_memory()
+        release_memory(self._nbytes)
 
     def _outputs(self, model, what: str, pass_name: str = "load"):
         try:
@@ -123,7 +125,7 @@ class PassManager:
             sess = make_session(model, "cpu", lean=True, optimize=False)
             out = sess.run(None, self._feeds)
             del sess
-            release_memory()
+            release_memory(self._nbytes)
             return out
         except Exception as e:
             if pass_name == "load":
