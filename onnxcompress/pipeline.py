@@ -364,6 +364,11 @@ class Run:
         # --qaf: every chain; default: the chains where round-to-nearest leaves >= 1% of weight error to gain
         kw = {"target": "chain" if r.data_aware else "auto", "min_headroom": 0.0 if r.qaf else QAF_MIN_HEADROOM}
         excl = self.float_globs(float_layers)
+        from .ort.session import RELEASE_MIN_BYTES, model_nbytes
+        from .passes.qaf import KernelFiles
+
+        if model_nbytes(model) >= RELEASE_MIN_BYTES:   # the kernels on disk: the model itself can go after its passes
+            model = KernelFiles(model)
         # depthwise factors stay float under weight-only INT4 and int8 under INT4 with INT8 activations
         dw = GRIDS["int8"] if quant == "int8" or r.int4_activations == "int8" else None
         if quant == "int4":
