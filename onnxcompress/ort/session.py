@@ -99,9 +99,15 @@ def model_nbytes(model) -> int:
         model = onnx.load(str(model), load_external_data=False)    # small file: are its weights beside it?
     if not isinstance(model, onnx.ModelProto):
         return 2**31
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-        return 2**31
-    return _proto_bytes(model)
+    total = 0
+    for t in model.graph.initializer:   # from the shapes: ByteSize() serialises the model (+1 model at the peak)
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            return 2**31
+        n = 1
+        for d in t.dims:
+            n *= d
+        total += n * 4
+    return total
 
 
 def release_memory(nbytes: int | None = None) -> None:
