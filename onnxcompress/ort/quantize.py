@@ -87,6 +87,22 @@ def nonfinite_weights(model: onnx.ModelProto | str | os.PathLike) -> list[str]:
     return out
 
 
+def check_quantizable(model: onnx.ModelProto | str | os.PathLike, what: str) -> None:
+    """A one-line UserError when `model` (a ModelProto or a file) is already quantized or holds NaN/Inf
+    weights, whose `what` (INT8, INT4) scales cannot be computed."""
+    from ..ir.counts import has_quantized_ops
+    from ..ir.modelio import load_graph
+
+    q = has_quantized_ops(load_graph(model) if isinstance(model, (str, os.PathLike)) else model)
+    if q:
+        raise UserError(f"model is already quantized (contains {', '.join(q)}): refusing to re-quantize; "
+                        f"use --quantize none")
+    bad = nonfinite_weights(model)
+    if bad:
+        raise UserError(f"weight {bad[0]!r}{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''} holds "
+                        f"NaN or Inf: cannot compute {what} scales; fix the model or use --quantize none")
+
+
 def _matching_nodes(nodes, globs: Sequence[str]) -> list[str]:
     """Nodes named by a glob, or rewritten from a layer named by it (`layer/t2_in` for `layer`)."""
     out = []

@@ -22,12 +22,10 @@ from typing import Callable, Sequence
 
 import onnx
 
-from ..errors import UserError
-from ..ir.counts import has_quantized_ops
 from ..ir.names import exact_globs
 from ..ort.int4 import (conv_weights_int4, depthwise_convs, int4_conv_weights, matmul_nbits, nbits_nodes,
                         opset_of, quantize_int4_static)
-from ..ort.quantize import nonfinite_weights, quantized_summary
+from ..ort.quantize import check_quantizable, quantized_summary
 from .base import LayerRecord, Pass, PassContext, PassResult
 from .qaf import codes_from_handoff
 
@@ -90,14 +88,7 @@ class QuantizeInt4(Pass):
 
     def run(self, model: onnx.ModelProto, ctx: PassContext | None = None) -> PassResult:
         ctx = ctx or PassContext()
-        q = has_quantized_ops(model)
-        if q:
-            raise UserError(f"model is already quantized (contains {', '.join(q)}): refusing to re-quantize; "
-                            f"use --quantize none")
-        bad = nonfinite_weights(model)
-        if bad:
-            raise UserError(f"weight {bad[0]!r}{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''} holds "
-                            f"NaN or Inf: cannot compute INT4 scales; fix the model or use --quantize none")
+        check_quantizable(model, "INT4")
         excluded, convs, linear = self._scope(model, ctx)
         codes = codes_from_handoff(ctx.handoff, 4)
         facts: dict = {}

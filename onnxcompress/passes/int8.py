@@ -3,15 +3,11 @@ weights, activations in the provider's fast layout. Nodes that earlier passes as
 with a high cancellation index) or in 16 bits arrive through the pass context's hand-offs."""
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import onnx
 
-from ..errors import UserError
-from ..ir.counts import has_quantized_ops
-from ..ir.modelio import load_graph
-from ..ort.quantize import Int8Format, nonfinite_weights, quantize_qdq, quantized_summary
+from ..ort.quantize import Int8Format, check_quantizable, quantize_qdq, quantized_summary
 from .base import LayerRecord, Pass, PassContext, PassResult
 
 
@@ -33,14 +29,7 @@ class QuantizeInt8(Pass):
 
     def run(self, model: onnx.ModelProto | str, ctx: PassContext | None = None) -> PassResult:
         ctx = ctx or PassContext()
-        q = has_quantized_ops(load_graph(model) if isinstance(model, (str, os.PathLike)) else model)
-        if q:
-            raise UserError(f"model is already quantized (contains {', '.join(q)}): refusing to re-quantize; "
-                            f"use --quantize none")
-        bad = nonfinite_weights(model)
-        if bad:
-            raise UserError(f"weight {bad[0]!r}{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''} holds "
-                            f"NaN or Inf: cannot compute INT8 scales; fix the model or use --quantize none")
+        check_quantizable(model, "INT8")
         from ..ir.names import exact_globs
 
         keep_float = exact_globs(ctx.handoff.get("float_nodes", []))
