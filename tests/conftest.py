@@ -16,6 +16,7 @@ _hyp_settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     _hyp_settings.load_profile("ci")
 from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization import CalibrationDataReader
 
 OPSET = 17
 
@@ -92,6 +93,26 @@ def rel_err(a, b) -> float:
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30))
+
+
+class ListReader(CalibrationDataReader):
+    """An ORT CalibrationDataReader over a list of feed dicts (`.d`), read once in order."""
+
+    def __init__(self, feeds):
+        self.d = list(feeds)
+        self.i = 0
+
+    def get_next(self):
+        if self.i >= len(self.d):
+            return None
+        self.i += 1
+        return self.d[self.i - 1]
+
+
+def random_reader(shape, n: int, seed: int) -> ListReader:
+    """`n` batches of N(0, 1) float32 of `shape` as input "x"."""
+    rng = np.random.default_rng(seed)
+    return ListReader({"x": rng.standard_normal(shape).astype(np.float32)} for _ in range(n))
 
 
 def sha256(path) -> str:

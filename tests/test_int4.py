@@ -6,11 +6,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import random_reader
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader
 
-from onnxcompress.ort import int4
 from onnxcompress.decompose import qaf
+from onnxcompress.ort import int4
 
 
 def _conv_model(opset: int = 17, seed: int = 0):
@@ -89,17 +90,8 @@ def test_conv_weights_int4_takes_given_codes():
     assert np.array_equal(int4.unpack_int4(t), q1)
 
 
-class _Reader(CalibrationDataReader):
-    def __init__(self, n=4, seed=2):
-        rng = np.random.default_rng(seed)
-        self.d = [{"x": rng.standard_normal((2, 8, 6, 6)).astype(np.float32)} for _ in range(n)]
-        self.i = 0
-
-    def get_next(self):
-        if self.i >= len(self.d):
-            return None
-        self.i += 1
-        return self.d[self.i - 1]
+def _Reader(n=4, seed=2):
+    return random_reader((2, 8, 6, 6), n, seed)
 
 
 def test_quantize_int4_static_int8_activations():

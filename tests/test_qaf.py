@@ -4,8 +4,14 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from conftest import random_reader
 from onnx import TensorProto, helper, numpy_helper
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
 
 from onnxcompress.decompose import qaf
 from onnxcompress.decompose.cp import chain_weights, cp_kernel, equalize_chain
@@ -174,17 +180,8 @@ def test_qaf_chain_keeps_float_weights_where_grid_is_none():
 # ------------------------------------------------------------------------------------------ ORT end to end
 
 
-class _Reader(CalibrationDataReader):
-    def __init__(self, s, n=3):
-        rng = np.random.default_rng(7)
-        self.d = [{"x": rng.standard_normal((1, s, 7, 7)).astype(np.float32)} for _ in range(n)]
-        self.i = 0
-
-    def get_next(self):
-        if self.i >= len(self.d):
-            return None
-        self.i += 1
-        return self.d[self.i - 1]
+def _Reader(s, n=3):
+    return random_reader((1, s, 7, 7), n, seed=7)
 
 
 def _cp4_chain_model(ws, s, t):
