@@ -30,6 +30,18 @@ def images(n: int, seed: int = 0) -> np.ndarray:
     return out
 
 
+def resnet18_onnx(path: Path) -> Path:
+    """torchvision ResNet-18, random init (seed 0), legacy exporter, opset 17, dynamic batch, written to `path`."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    m = torchvision.models.resnet18(weights=None).eval()
+    torch.onnx.export(m, torch.randn(1, 3, 224, 224), str(path), input_names=["input"], output_names=["logits"],
+                      opset_version=17, dynamo=False, dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    return path
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=256)
@@ -37,18 +49,11 @@ def main(argv=None):
     ap.add_argument("--no-refit", action="store_true")
     ap.add_argument("--plain", action="store_true", help="plain Tucker2 (no --data-aware) for comparison")
     a = ap.parse_args(argv)
-    import torch
-    import torchvision
-
     from onnxcompress.pipeline import optimize
     from onnxcompress.recipe import Recipe
 
     td = Path(tempfile.mkdtemp())
-    torch.manual_seed(0)
-    m = torchvision.models.resnet18(weights=None).eval()
-    path = td / "resnet18.onnx"
-    torch.onnx.export(m, torch.randn(1, 3, 224, 224), str(path), input_names=["input"], output_names=["logits"],
-                      opset_version=17, dynamo=False, dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    path = resnet18_onnx(td / "resnet18.onnx")
     np.save(td / "cal.npy", images(a.n))
     rec = Recipe(method="tucker2", ratio=2, quantize="none", data_aware=not a.plain, data_aware_method=a.method,
                  data_aware_refit=not a.no_refit, calibration=str(td / "cal.npy"), calibration_samples=a.n,

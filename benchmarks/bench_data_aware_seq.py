@@ -21,19 +21,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main(argv=None):
-    import torch
-    import torchvision
-    from bench_data_aware_pipeline import images
+    from bench_data_aware_pipeline import images, resnet18_onnx
 
     from onnxcompress import Recipe, optimize
 
     arms = (argv if argv is not None else sys.argv[1:]) or ["plain", "kron"]
     td = Path(tempfile.mkdtemp())
-    torch.manual_seed(0)
-    m = torchvision.models.resnet18(weights=None).eval()
-    path = td / "r18.onnx"
-    torch.onnx.export(m, torch.randn(1, 3, 224, 224), str(path), input_names=["input"], output_names=["logits"],
-                      opset_version=17, dynamo=False, dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    path = resnet18_onnx(td / "r18.onnx")
     np.save(td / "cal.npy", images(256))
     np.save(td / "ev.npy", images(32, seed=7))
     out = {}
