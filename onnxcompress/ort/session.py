@@ -79,11 +79,27 @@ def session_options(threads: int | None = None, optimize: bool = True, lean: boo
     return so
 
 
-def _proto_bytes(model: onnx.ModelProto) -> int:
+def _tensor_bytes(t: onnx.TensorProto) -> int:
+    """The bytes a tensor's data takes in memory, from its shape and type (0 for external data)."""
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return 0
+    n = 1
+    for d in t.dims:
+        n *= d
     try:
-        return model.ByteSize()
-    except Exception:   # noqa: BLE001 - over 2 GB protobuf cannot even size it
-        return 2**31
+        return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except Exception:   # noqa: BLE001 - an undefined or exotic type: count 4 bytes an element
+        return n * 4
+
+
+def _proto_bytes(model: onnx.ModelProto) -> int:
+    """The model's size in memory, from its initializers' and Constant nodes' shapes: ByteSize() serialises the
+    whole model to answer (+1 model at the peak, and twice the work where the bytes are serialised next)."""
+    total = sum(_tensor_bytes(t) for t in model.graph.initializer)
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            total += sum(_tensor_bytes(a.t) for a in n.attribute if a.type == onnx.AttributeProto.TENSOR)
+    return total
 
 
 #: below this many bytes of model, release_memory(nbytes) does nothing: a full gc.collect costs 50-100 ms in a
@@ -99,15 +115,9 @@ def model_nbytes(model) -> int:
         model = onnx.load(str(model), load_external_data=False)    # small file: are its weights beside it?
     if not isinstance(model, onnx.ModelProto):
         return 2**31
-    total = 0
-    for t in model.graph.initializer:   # from the shapes: ByteSize() serialises the model (+1 model at the peak)
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            return 2**31
-        n = 1
-        for d in t.dims:
-            n *= d
-        total += n * 4
-    return total
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        return 2**31
+    return _proto_bytes(model)
 
 
 def release_memory(nbytes: int | None = None) -> None:
