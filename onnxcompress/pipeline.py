@@ -32,8 +32,6 @@ from .report.report import Gate, Report, data_aware_line, nothing_changed
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
-#: the default QAF fits a chain only where round-to-nearest's weight error exceeds the float chain's by this fraction
-QAF_MIN_HEADROOM = 0.01
 #: without calibration data, a decomposition must keep the output this close on synthetic inputs
 SYNTHETIC_FLOOR_DB = 40.0
 
@@ -361,14 +359,11 @@ class Run:
         if quant not in ("int8", "int4"):
             return []
         r = self.recipe
-        # --qaf: every chain; default: the chains where round-to-nearest leaves >= 1% of weight error to gain
-        kw = {"target": "chain" if r.data_aware else "auto", "min_headroom": 0.0 if r.qaf else QAF_MIN_HEADROOM}
+        # --qaf: every chain; default: the chains where round-to-nearest leaves enough weight error to gain
+        kw = {"target": "chain" if r.data_aware else "auto", **({"min_headroom": 0.0} if r.qaf else {})}
         excl = self.float_globs(float_layers)
-        from .ort.session import RELEASE_MIN_BYTES, model_nbytes
-        from .passes.qaf import KernelFiles
-
-        if model_nbytes(model) >= RELEASE_MIN_BYTES:   # the kernels on disk: the model itself can go after its passes
-            model = KernelFiles(model)
+        if not r.data_aware:
+            model = self.qaf_reference(model)
         # depthwise factors stay float under weight-only INT4 and int8 under INT4 with INT8 activations
         dw = GRIDS["int8"] if quant == "int8" or r.int4_activations == "int8" else None
         if quant == "int4":
@@ -378,6 +373,22 @@ class Run:
         if i4:
             out.append(QAFPass(GRIDS["int4"], model, exclude_globs=excl, layers=i4, depthwise=dw, **kw))
         return out
+
+    def qaf_reference(self, model):
+        """QAF's reference kernels: `model` itself when small, else its Conv kernels on disk (passes/qaf.py
+        KernelFiles), so that the model can go once its passes ran. The auto search builds every candidate from
+        the same clean model, which it holds anyway: its kernels are written once."""
+        from .ort.session import RELEASE_MIN_BYTES, model_nbytes
+        from .passes.qaf import KernelFiles
+
+        if model_nbytes(model) < RELEASE_MIN_BYTES:
+            return model
+        if self.recipe.method != "auto":
+            return KernelFiles(model)
+        cached = getattr(self, "_qaf_kernels", None)
+        if cached is None or cached[0] is not model:
+            self._qaf_kernels = cached = (model, KernelFiles(model))
+        return cached[1]
 
     def int4_pass(self, model, float_layers: list[str], int4_layers: list[str] | None = None):
         """INT4 weights (passes/int4.py): weight-only (`--int4-activations float`, no calibration) or with the

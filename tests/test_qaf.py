@@ -359,6 +359,28 @@ def _digits_cp4(layers=("/stage1/conv2/Conv", "/stage2/conv2/Conv"), variant="cp
     return folded, CPPass(policy, {"input": (1, 1, 16, 16)}, variant=variant, use_epc=True).run(folded).model
 
 
+def test_kernel_files_reference_gives_the_same_fit_as_the_model():
+    """Large models hand QAF their kernels as memory-mapped files (KernelFiles) instead of the ModelProto: the
+    same kernels, the same fitted weights; the folder goes with the object."""
+    import gc
+    import os
+
+    from onnxcompress.passes.qaf import KernelFiles, QAFPass
+
+    folded, m = _digits_cp4()
+    kf = KernelFiles(folded)
+    convs = {n.name for n in folded.graph.node if n.op_type == "Conv"}
+    assert set(kf) == convs and len(kf) == len(convs)
+    a = QAFPass(qaf.INT8, folded, min_headroom=0).run(m).model
+    b = QAFPass(qaf.INT8, kf, min_headroom=0).run(m).model
+    for x, y in zip(a.graph.initializer, b.graph.initializer):
+        assert x.name == y.name and np.array_equal(numpy_helper.to_array(x), numpy_helper.to_array(y))
+    folder = kf._dir
+    del kf
+    gc.collect()
+    assert not os.path.exists(folder)
+
+
 def test_qaf_pass_exclusions_layers_and_depthwise_grid():
     """Chains an earlier pass keeps in float (hand-off float_nodes) and excluded layers stay untouched; `layers`
     restricts the pass; depthwise=None keeps the depthwise factors' float values (weight-only INT4)."""

@@ -33,6 +33,8 @@ from .base import LayerRecord, Pass, PassContext, PassResult
 CHAINS = {"cp4": ("cp_in", "cp_v", "cp_h", "cp_out"), "cp3": ("cp_in", "cp_dw", "cp_out"),
           "tucker2": ("t2_in", "t2_core", "t2_out"), "svd": ("svd_in", "svd_out")}
 GRIDS = {"int8": INT8, "int4": INT4}
+#: by default a chain is fitted only where round-to-nearest's weight error exceeds the float chain's by this fraction
+MIN_HEADROOM = 0.01
 
 
 def find_chains(model: onnx.ModelProto) -> list[tuple[str, str, list[str], list[str]]]:
@@ -118,7 +120,7 @@ class QAFPass(Pass):
     def __init__(self, grid: Grid = INT8, reference: onnx.ModelProto | Mapping | None = None, *,
                  target: str = "auto", exclude_globs: Iterable[str] = (), layers: Iterable[str] | None = None,
                  depthwise: Grid | None | str = "same", sweeps: int = 4, max_iter: int = 50,
-                 min_headroom: float = 0.01):
+                 min_headroom: float = MIN_HEADROOM):
         if target not in ("auto", "kernel", "chain"):
             raise ValueError(f"unknown QAF target {target!r}")
         self.grid = grid
