@@ -15,6 +15,17 @@ def _quick_start_argv():
     return readme, shlex.split(line.split("&& onnxcompress ", 1)[1])
 
 
+def test_quick_start_report_folder_ships_with_the_checkout():
+    """The command writes its report into a folder of the checkout; the tool refuses a missing output folder, so
+    that folder must exist in a clean clone (a tracked file in it), not only in a checkout that ran it before."""
+    import subprocess
+
+    _, argv = _quick_start_argv()
+    folder = Path(argv[argv.index("--report") + 1]).parent
+    tracked = subprocess.run(["git", "ls-files", str(folder)], cwd=ROOT, capture_output=True, text=True)
+    assert tracked.returncode == 0 and tracked.stdout.strip(), f"{folder}/ holds no tracked file"
+
+
 def test_quick_start_command(tmp_path, monkeypatch):
     readme, argv = _quick_start_argv()
     budget = float(re.search(r"within an accuracy budget \(([\d.]+) point", readme).group(1))
